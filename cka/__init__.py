@@ -1,0 +1,25 @@
+"""CKA estimators and accumulators.
+
+Pure tensor code: nothing here knows about models or datasets. The engine turns each
+layer's output into a kernel with ``cka.kernels``, packs it with ``hsic_vectors`` and sums
+every layer pair of a batch in ``MinibatchCKA``.
+"""
+
+from .accumulate import KERNELS, MinibatchCKA, layer_kernels, minibatch_cka
+from .hsic import MIN_EXAMPLES, center_kernels, hsic, hsic_vectors
+from .kernels import center_features, linear_gram, rbf_from_gram, squared_distances
+
+__all__ = [
+    "KERNELS",
+    "MIN_EXAMPLES",
+    "MinibatchCKA",
+    "center_features",
+    "center_kernels",
+    "hsic",
+    "hsic_vectors",
+    "layer_kernels",
+    "linear_gram",
+    "minibatch_cka",
+    "rbf_from_gram",
+    "squared_distances",
+]

@@ -1,0 +1,113 @@
+"""Kernel (Gram) matrices of layer representations.
+
+A representation is a tensor whose first dimension indexes examples; it is flattened to
+``(n, features)``. Every function here accepts float16, bfloat16, float32 and float64
+input. Half-precision input is upcast to float32 before any arithmetic, because its
+products overflow and its sums lose digits.
+"""
+
+import torch
+
+__all__ = [
+    "center_features",
+    "linear_gram",
+    "rbf_from_gram",
+    "squared_distances",
+]
+
+
+def center_features(features: torch.Tensor) -> torch.Tensor:
+    """Flatten a batch of representations and center every feature.
+
+    The first example is subtracted before the mean. That first step is exact for
+    features that are constant over the batch, so a constant layer becomes exactly zero
+    and its CKA is reported as undefined instead of a value made of rounding errors. It
+    also removes a large common offset before the Gram product, which would otherwise
+    cost float32 most of its digits.
+
+    Args:
+        features: ``(n, ...)`` representations of ``n`` examples.
+
+    Returns:
+        ``(n, p)`` centered features in float32, or float64 for float64 input.
+    """
+    flat = features.detach().reshape(features.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+
+    shifted = flat - flat[:1]
+    return shifted - shifted.mean(dim=0, keepdim=True)
+
+
+def linear_gram(features: torch.Tensor) -> torch.Tensor:
+    """Compute the linear kernel ``K = X X^T`` of centered features.
+
+    Centering does not change CKA (it double-centers the kernel anyway) but keeps the
+    float32 product accurate.
+
+    Args:
+        features: ``(n, ...)`` representations of ``n`` examples.
+
+    Returns:
+        ``(n, n)`` Gram matrix of the centered features.
+    """
+    centered = center_features(features)
+    return centered @ centered.T
+
+
+def squared_distances(grams: torch.Tensor) -> torch.Tensor:
+    """Turn Gram matrices into squared Euclidean distances between examples.
+
+    Args:
+        grams: ``(..., n, n)`` linear Gram matrices.
+
+    Returns:
+        ``(..., n, n)`` matrices of ``d_ij^2``, clamped at zero and with an exactly zero
+        diagonal.
+    """
+    norms = torch.diagonal(grams, dim1=-2, dim2=-1)
+    distances = norms.unsqueeze(-1) + norms.unsqueeze(-2) - 2.0 * grams
+    distances = distances.clamp_min(0.0)
+    return distances * (1.0 - torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device))
+
+
+def _median_off_diagonal(distances: torch.Tensor) -> torch.Tensor:
+    """Return the median of ``d_ij^2`` over ``i < j`` for each matrix of a stack.
+
+    The even-count median is the mean of the two middle values, as in ``numpy.median``.
+    Each pair appears twice over ``i != j``, which gives the same median.
+    """
+    n = distances.shape[-1]
+    rows, cols = torch.triu_indices(n, n, offset=1, device=distances.device)
+    values, _ = torch.sort(distances[..., rows, cols], dim=-1)
+    count = values.shape[-1]
+    middle_high = values[..., count // 2]
+    middle_low = values[..., (count - 1) // 2]
+    return 0.5 * (middle_low + middle_high)
+
+
+def rbf_from_gram(grams: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Compute RBF kernels from linear Gram matrices, with the median bandwidth rule.
+
+    ``K_ij = exp(-d_ij^2 / (2 sigma^2 m))`` where ``m`` is the median of ``d_ij^2`` over
+    ``i != j`` within the same batch (Kornblith et al. 2019). When ``m`` is zero, which
+    happens when at least half of the pairs of examples coincide, the bandwidth is
+    undefined: that kernel is returned as all ones, so its centered kernel is zero and
+    its CKA is NaN.
+
+    Args:
+        grams: ``(..., n, n)`` linear Gram matrices with ``n >= 2``.
+        sigma: bandwidth factor, relative to the median distance.
+
+    Returns:
+        ``(..., n, n)`` RBF kernel matrices.
+    """
+    if grams.shape[-1] < 2:
+        raise ValueError(f"the RBF bandwidth needs at least 2 examples, got {grams.shape[-1]}")
+
+    distances = squared_distances(grams)
+    median = _median_off_diagonal(distances)
+    scale = (2.0 * sigma**2) * median
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    kernels = torch.exp(-distances / safe_scale[..., None, None])
+    return torch.where((scale > 0)[..., None, None], kernels, torch.ones_like(kernels))

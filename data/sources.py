@@ -1,0 +1,268 @@
+"""Where the images come from: a torchvision dataset, a folder, or bundled photographs.
+
+Every source gives PIL images in a fixed order. ``open_images`` picks a deterministic,
+seeded subset of the requested size, so every model of a run sees the same images in
+the same order and the same batches.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import logging
+import os
+import urllib.error
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SAMPLE_PHOTOS",
+    "DatasetError",
+    "ImageSet",
+    "default_data_root",
+    "open_images",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_PHOTOS = "sample_photos"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Photographs and micrographs that scikit-image ships inside its wheel, so they need no
+# download. Drawings and synthetic images of skimage.data are left out.
+_PHOTO_FILES = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
+
+# Crop side as a fraction of the photo's shorter side.
+_CROP_FRACTION = (0.3, 0.9)
+
+
+class DatasetError(ValueError):
+    """Images cannot be provided as requested: unknown name, missing data, too few images."""
+
+
+@dataclasses.dataclass
+class ImageSet(Sequence):
+    """A fixed, ordered list of RGB PIL images.
+
+    Attributes:
+        description: what the images are, for logs and the run record.
+        indices: position of each image in the underlying dataset, folder or crop list.
+    """
+
+    description: str
+    indices: list[int]
+    _load: object = dataclasses.field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            raise TypeError("ImageSet does not support slicing")
+        image = self._load(self.indices[position])
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def default_data_root() -> str:
+    """Return ``$TORCH_HOME/datasets``, by default ``~/.cache/torch/datasets``."""
+    torch_home = os.environ.get(
+        "TORCH_HOME",
+        os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"),
+    )
+    return os.path.join(torch_home, "datasets")
+
+
+def _seeded_subset(total: int, count: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:count].tolist()
+
+
+def _check_count(available: int, count: int, what: str) -> None:
+    if count > available:
+        raise DatasetError(
+            f"the run needs {count} images (--batch_size x --dataloader_size) but {what} "
+            f"has {available}; lower --batch_size or --dataloader_size, or add images"
+        )
+
+
+def _sample_photos(count: int, seed: int) -> ImageSet:
+    import skimage.data
+
+    folder = skimage.data.data_dir
+    paths = [os.path.join(folder, name) for name in _PHOTO_FILES]
+    paths = [path for path in paths if os.path.exists(path)]
+    if len(paths) < 4:
+        raise DatasetError(
+            f"scikit-image's bundled photographs were not found in {folder}; "
+            "reinstall scikit-image or use --dataset with a folder of images"
+        )
+    photos = []
+    for path in paths:
+        with Image.open(path) as image:
+            photos.append(image.convert("RGB"))
+
+    def crop(index: int) -> Image.Image:
+        # Photo i mod P, with a crop and a flip drawn from a generator seeded by
+        # (seed, i): any number of images, each one the same in every run.
+        photo = photos[index % len(photos)]
+        rng = np.random.default_rng([seed, index])
+        side = int(min(photo.size) * rng.uniform(*_CROP_FRACTION))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        image = photo.crop((left, top, left + side, top + side))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    description = f"{count} seeded square crops of {len(photos)} scikit-image photographs"
+    return ImageSet(description, list(range(count)), crop)
+
+
+def _folder_images(folder: str, count: int, seed: int) -> ImageSet:
+    paths = []
+    for root, directories, files in os.walk(folder):
+        directories.sort()
+        paths.extend(
+            os.path.join(root, name)
+            for name in sorted(files)
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    _check_count(len(paths), count, f"the folder {folder}")
+
+    def load(index: int) -> Image.Image:
+        with Image.open(paths[index]) as image:
+            return image.convert("RGB")
+
+    indices = _seeded_subset(len(paths), count, seed)
+    return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, load)
+
+
+def _torchvision_dataset_class(name: str):
+    import torchvision.datasets
+
+    candidate = getattr(torchvision.datasets, name, None)
+    if inspect.isclass(candidate) and issubclass(candidate, torchvision.datasets.VisionDataset):
+        return candidate
+    return None
+
+
+def _torchvision_dataset_names() -> list[str]:
+    import torchvision.datasets
+
+    return [name for name in dir(torchvision.datasets) if _torchvision_dataset_class(name)]
+
+
+def _evaluation_split_arguments(dataset_class) -> dict:
+    """Return constructor arguments that select the evaluation split, where there is one."""
+    parameters = inspect.signature(dataset_class.__init__).parameters
+    if "train" in parameters:
+        return {"train": False}
+    if "split" in parameters:
+        default = parameters["split"].default
+        return {"split": "test" if default in ("train", inspect.Parameter.empty) else default}
+    return {}
+
+
+def _construct_dataset(dataset_class, root: str, download: bool):
+    parameters = inspect.signature(dataset_class.__init__).parameters
+    arguments = _evaluation_split_arguments(dataset_class)
+    if "download" in parameters:
+        arguments["download"] = download
+    try:
+        return dataset_class(root, **arguments), arguments
+    except ValueError as error:
+        # Some datasets call their evaluation split "val".
+        if arguments.get("split") != "test" or "split" not in str(error):
+            raise
+        arguments["split"] = "val"
+        return dataset_class(root, **arguments), arguments
+
+
+def _torchvision_images(dataset_class, count: int, seed: int, root: str, download: bool) -> ImageSet:
+    name = dataset_class.__name__
+    try:
+        dataset, arguments = _construct_dataset(dataset_class, root, download)
+    except (RuntimeError, OSError, urllib.error.URLError, ValueError) as error:
+        hint = "download it while online" if download else "run without --download 0 while online"
+        raise DatasetError(
+            f"the torchvision dataset {name} is not in {root} and could not be obtained "
+            f"({error}). Put its files in {root} as torchvision expects, {hint}, or point "
+            "--data_root at a copy"
+        ) from error
+
+    split = ", ".join(f"{key}={value}" for key, value in arguments.items() if key != "download")
+    _check_count(len(dataset), count, f"{name} ({split or 'whole dataset'})")
+
+    def load(index: int) -> Image.Image:
+        image = dataset[index][0]
+        if not isinstance(image, Image.Image):
+            import torchvision.transforms.functional
+
+            image = torchvision.transforms.functional.to_pil_image(image)
+        return image
+
+    indices = _seeded_subset(len(dataset), count, seed)
+    description = f"{count} seeded images of {name} ({split or 'whole dataset'}) from {root}"
+    return ImageSet(description, indices, load)
+
+
+def open_images(
+    dataset: str, count: int, seed: int = 0, data_root: str | None = None, download: bool = True
+) -> ImageSet:
+    """Open ``count`` images of a dataset in a deterministic order.
+
+    Args:
+        dataset: ``"sample_photos"``; a path to a folder of images, searched
+            recursively; or a torchvision dataset class name such as ``"CIFAR10"``, whose
+            evaluation split is used when it has one.
+        count: number of images to provide.
+        seed: seed of the subset and, for ``sample_photos``, of the crops.
+        data_root: folder of torchvision datasets; defaults to ``$TORCH_HOME/datasets``.
+        download: let torchvision download a missing dataset.
+
+    Raises:
+        DatasetError: for an unknown dataset, missing data or too few images.
+    """
+    if dataset == SAMPLE_PHOTOS:
+        return _sample_photos(count, seed)
+
+    if os.path.isdir(dataset):
+        return _folder_images(dataset, count, seed)
+
+    dataset_class = _torchvision_dataset_class(dataset)
+    if dataset_class is not None:
+        root = data_root or default_data_root()
+        return _torchvision_images(dataset_class, count, seed, root, download)
+
+    if os.path.sep in dataset or dataset.startswith((".", "~")) or os.path.exists(dataset):
+        raise DatasetError(f"--dataset {dataset}: no folder of that name exists")
+    known = _torchvision_dataset_names()
+    close = difflib.get_close_matches(dataset, known, n=3, cutoff=0.5)
+    close += [name for name in known if name.lower() == dataset.lower() and name not in close]
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise DatasetError(
+        f"--dataset {dataset} is neither a torchvision dataset class, an existing folder of "
+        f"images nor {SAMPLE_PHOTOS}.{hint}"
+    )

@@ -1,0 +1,234 @@
+"""Writing a run's files: per pair a heatmap, a CSV and an NPZ; per run a JSON record."""
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from plotting import plot_cka_heatmap
+
+from .run import PairResult, RunResult
+
+__all__ = ["RECORD_NAME", "library_versions", "pair_title", "write_outputs"]
+
+RECORD_NAME = "run_record.json"
+_DPI = 150  # sharp enough to read 6-point tick labels when zoomed in
+
+_PACKAGES = (
+    "torch",
+    "torchvision",
+    "pretrainedmodels",
+    "numpy",
+    "scikit-image",
+    "matplotlib",
+    "pillow",
+)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str):
+    """Yield a temporary path next to ``path`` and rename it to ``path`` on success."""
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def library_versions() -> dict[str, str]:
+    """Return the installed versions of the packages that change the numbers or figures."""
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def pair_title(result: PairResult, image_count: int) -> str:
+    """Return the heatmap title: both models, the scope, the CKA type and the images."""
+    task = result.task
+    estimator = task.kernel.estimator
+    return f"{task.title}\n{task.cka_type} ({estimator} HSIC), {image_count} images"
+
+
+def _write_csv(path: str, result: PairResult) -> None:
+    with _atomic_path(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        corner = f"{result.task.model_x.label} \\ {result.task.model_y.label}"
+        writer.writerow([corner, *result.columns])
+        for name, values in zip(result.rows, result.matrix.tolist()):
+            writer.writerow([name, *(repr(value) for value in values)])
+
+
+def _write_npz(path: str, result: PairResult) -> None:
+    task = result.task
+    with _atomic_path(path) as partial:
+        with open(partial, "wb") as handle:
+            np.savez(
+                handle,
+                cka=result.matrix.numpy(),
+                rows=np.array(result.rows),
+                columns=np.array(result.columns),
+                model_x=task.model_x.label,
+                model_y=task.model_y.label,
+                cka_type=task.cka_type,
+                estimator=task.kernel.estimator,
+                depth=task.depth,
+                conv_only=task.conv_only,
+            )
+
+
+def _write_png(path: str, result: PairResult, image_count: int) -> None:
+    figure = plot_cka_heatmap(
+        result.matrix.numpy(),
+        result.rows,
+        result.columns,
+        pair_title(result, image_count),
+        row_axis=f"{result.task.model_x.label} layers",
+        column_axis=f"{result.task.model_y.label} layers",
+    )
+    try:
+        with _atomic_path(path) as partial:
+            figure.savefig(partial, dpi=_DPI, format="png")
+    finally:
+        plt.close(figure)
+
+
+def _nan_cells(result: PairResult) -> list[list[str]]:
+    rows, columns = np.nonzero(np.isnan(result.matrix.numpy()))
+    return [[result.rows[i], result.columns[j]] for i, j in zip(rows.tolist(), columns.tolist())]
+
+
+def _device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _record(result: RunResult, files: dict[str, list[str]], argv: list[str]) -> dict:
+    plan = result.plan
+    models = []
+    for prepared in result.models:
+        spec = prepared.spec
+        models.append(
+            {
+                "label": spec.label,
+                "library": spec.library,
+                "name": spec.name,
+                "pretrained": spec.pretrained,
+                "input_size": spec.input_size,
+                "seed": spec.seed,
+                "hooked_layers": len(prepared.layers),
+                "scopes": [
+                    {
+                        "depth_requested": depth,
+                        "conv_only": conv_only,
+                        "depth_used": selection.depth,
+                        "layers": [layer.name for layer in selection.layers],
+                        "dropped": selection.dropped,
+                    }
+                    for (depth, conv_only), selection in prepared.selections.items()
+                ],
+            }
+        )
+
+    pairs = []
+    for pair in result.pairs:
+        task = pair.task
+        pairs.append(
+            {
+                "title": task.title,
+                "model_x": task.model_x.label,
+                "model_y": task.model_y.label,
+                "depth": None if task.conv_only else task.depth,
+                "conv_only": task.conv_only,
+                "depth_used": [pair.depth_x, pair.depth_y],
+                "cka_type": task.cka_type,
+                "kernel": dataclasses.asdict(task.kernel),
+                "shape": list(pair.matrix.shape),
+                "nan_cells": _nan_cells(pair),
+                "files": files[task.stem],
+            }
+        )
+
+    options = dataclasses.asdict(plan.options)
+    return {
+        "command": shlex.join([sys.executable, *argv]) if argv else None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": options,
+        "library": plan.library,
+        "device": _device_description(plan.device),
+        "versions": library_versions(),
+        "images": {
+            "dataset": plan.options.dataset,
+            "description": result.images.description,
+            "count": len(result.images),
+            "batch_size": plan.options.batch_size,
+            "batches": plan.options.dataloader_size,
+            "seed": plan.options.seed,
+            "indices": result.images.indices,
+        },
+        "kernel_size_range": list(plan.kernel_range),
+        "models": models,
+        "pairs": pairs,
+        "timings_s": {name: round(value, 3) for name, value in result.timings.items()},
+    }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_outputs(result: RunResult, argv: list[str] | None = None) -> dict[str, list[str]]:
+    """Write every pair's PNG, CSV and NPZ, then the run record, into the output folder.
+
+    Each file is written under a temporary name and renamed, so no reader sees half a
+    file. Files from an earlier run with the same names are replaced.
+
+    Args:
+        result: what ``run_plan`` returned.
+        argv: the command line, recorded verbatim; ``sys.argv`` for the CLI.
+
+    Returns:
+        ``{task stem: [paths written]}``, plus ``"record"`` for the run record.
+    """
+    folder = result.plan.options.output_path
+    os.makedirs(folder, exist_ok=True)
+    image_count = len(result.images)
+
+    files: dict[str, list[str]] = {}
+    for pair in result.pairs:
+        base = os.path.join(folder, pair.task.stem)
+        _write_png(f"{base}.png", pair, image_count)
+        _write_csv(f"{base}.csv", pair)
+        _write_npz(f"{base}.npz", pair)
+        files[pair.task.stem] = [f"{base}.png", f"{base}.csv", f"{base}.npz"]
+
+    record_path = os.path.join(folder, RECORD_NAME)
+    record = _json_safe(_record(result, files, list(argv or [])))
+    with _atomic_path(record_path) as partial, open(partial, "w") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    files["record"] = [record_path]
+    return files

@@ -1,0 +1,384 @@
+"""Turning the command-line options into a checked plan of model pairs.
+
+Every usage mistake is found here, before any model is built or image read, and raised
+as a UsageError whose message names the flag, the value and the fix.
+"""
+
+import dataclasses
+import itertools
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+from cka import MIN_EXAMPLES
+from models import LIBRARIES, check_model_name, input_spec
+
+__all__ = [
+    "CKA_TYPES",
+    "KernelSettings",
+    "ModelSpec",
+    "PairTask",
+    "RunOptions",
+    "RunPlan",
+    "UsageError",
+    "build_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+CKA_TYPES = {"kernel_CKA": "rbf", "linear_CKA": "linear"}
+
+
+class UsageError(ValueError):
+    """The options cannot describe a valid run; the message says how to fix them."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Every option of a run, with the command line's defaults.
+
+    List-valued options hold one value for every pair or one value per pair.
+    """
+
+    models_names: list[str]
+    compare_models_names: list[str] | None = None
+    dataset: str = "CIFAR10"
+    batch_size: int = 5
+    dataloader_size: int = 2
+    torchvision: int = 0
+    pretrained: list[int] = dataclasses.field(default_factory=lambda: [1])
+    compare_pretrained: list[int] | None = None
+    device: int = 0
+    output_path: str = "./output"
+    input_shape: list[int] = dataclasses.field(default_factory=lambda: [224])
+    CKA_type: list[str] = dataclasses.field(default_factory=lambda: ["kernel_CKA"])
+    layers_depth: list[int] = dataclasses.field(default_factory=lambda: [-1])
+    conv_only: int = 0
+    remove_output_layer: int = 1
+    compare_all: int = 0
+    kernel_size: list[int] = dataclasses.field(default_factory=lambda: [3, 100])
+    include_parameter_free: int = 0
+    hsic: str = "unbiased"
+    rbf_sigma: float = 1.0
+    seed: int = 0
+    data_root: str | None = None
+    download: int = 1
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that determines one model instance of a run.
+
+    Attributes:
+        library: ``"torchvision"`` or ``"pretrainedmodels"``.
+        name: architecture name in that library.
+        pretrained: ImageNet weights, or random initialisation seeded by ``seed``.
+        input_size: side of the square input in pixels.
+        seed: seed of the random initialisation.
+        label: short name that tells this instance apart from the others of the run.
+    """
+
+    library: str
+    name: str
+    pretrained: bool
+    input_size: int
+    seed: int
+    label: str = dataclasses.field(default="", compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """How a layer's batch becomes a packed centered kernel.
+
+    Attributes:
+        kernel: ``"linear"`` or ``"rbf"``.
+        sigma: RBF bandwidth factor relative to the median distance; unused for linear.
+        estimator: ``"unbiased"`` or ``"biased"`` HSIC.
+    """
+
+    kernel: str
+    sigma: float
+    estimator: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTask:
+    """One heatmap: the layers of ``model_x`` (rows) against those of ``model_y`` (columns).
+
+    Attributes:
+        model_x: the ``--models_names`` side.
+        model_y: the ``--compare_models_names`` side.
+        depth: requested layer depth, -1 for leaves; ignored when ``conv_only``.
+        conv_only: compare convolutions in the kernel-size range instead of a depth.
+        cka_type: ``"kernel_CKA"`` or ``"linear_CKA"``.
+        kernel: the kernel settings behind ``cka_type``.
+        stem: output file name without extension, unique within the run.
+    """
+
+    model_x: ModelSpec
+    model_y: ModelSpec
+    depth: int
+    conv_only: bool
+    cka_type: str
+    kernel: KernelSettings
+    stem: str = ""
+
+    @property
+    def title(self) -> str:
+        scope = "conv_only" if self.conv_only else f"depth {self.depth}"
+        return f"{scope} {self.model_y.label} vs {self.model_x.label}"
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A checked run: the pairs to compare and the settings they share."""
+
+    options: RunOptions
+    tasks: list[PairTask]
+    library: str
+    image_count: int
+    kernel_range: tuple[int, int]
+    device: str
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """Distinct model instances in order of first appearance."""
+        ordered = {}
+        for task in self.tasks:
+            ordered.setdefault(task.model_x, task.model_x)
+            ordered.setdefault(task.model_y, task.model_y)
+        return list(ordered)
+
+
+def _expand(flag: str, values: Sequence, pairs: int) -> list:
+    """Broadcast a per-pair list flag: one value for all pairs, or one per pair."""
+    if len(values) == 1:
+        return list(values) * pairs
+    if len(values) == pairs:
+        return list(values)
+    raise UsageError(
+        f"--{flag} got {len(values)} values but the run has {pairs} pairs; "
+        f"give 1 value for every pair or {pairs} values, one per pair"
+    )
+
+
+def _check_binary(flag: str, value: int) -> None:
+    if value not in (0, 1):
+        raise UsageError(f"--{flag} must be 0 or 1, got {value}")
+
+
+def _check_options(options: RunOptions) -> None:
+    for flag in ("torchvision", "conv_only", "remove_output_layer", "compare_all",
+                 "include_parameter_free", "download"):
+        _check_binary(flag, getattr(options, flag))
+    for flag in ("pretrained", "compare_pretrained"):
+        for value in getattr(options, flag) or []:
+            _check_binary(flag, value)
+
+    if options.batch_size < 1 or options.dataloader_size < 1:
+        raise UsageError(
+            f"--batch_size and --dataloader_size must be at least 1, got "
+            f"{options.batch_size} and {options.dataloader_size}"
+        )
+    if options.hsic not in MIN_EXAMPLES:
+        raise UsageError(f"--hsic must be 'unbiased' or 'biased', got {options.hsic!r}")
+    needed = MIN_EXAMPLES[options.hsic]
+    if options.batch_size < needed:
+        hint = " or use --hsic biased (2 or more)" if options.hsic == "unbiased" else ""
+        raise UsageError(
+            f"--batch_size {options.batch_size} is too small: the {options.hsic} HSIC "
+            f"estimator needs at least {needed} images per batch; raise --batch_size{hint}"
+        )
+    for depth in options.layers_depth:
+        if depth == 0 or depth < -1:
+            raise UsageError(
+                f"--layers_depth {depth} is invalid: use -1 for the deepest layers or a "
+                "depth of 1 or more"
+            )
+    for size in options.input_shape:
+        if size < 1:
+            raise UsageError(f"--input_shape must be a positive number of pixels, got {size}")
+    for cka_type in options.CKA_type:
+        if cka_type not in CKA_TYPES:
+            raise UsageError(f"--CKA_type must be kernel_CKA or linear_CKA, got {cka_type!r}")
+    if not options.rbf_sigma > 0:
+        raise UsageError(f"--rbf_sigma must be positive, got {options.rbf_sigma}")
+    if options.num_workers < 0:
+        raise UsageError(f"--num_workers must be 0 or more, got {options.num_workers}")
+
+
+def _kernel_range(options: RunOptions) -> tuple[int, int]:
+    sizes = list(options.kernel_size)
+    if len(sizes) not in (1, 2):
+        raise UsageError(
+            f"--kernel_size takes 1 value (an exact size) or 2 (an inclusive range), got {len(sizes)}"
+        )
+    low, high = sizes[0], sizes[-1]
+    if low < 1:
+        raise UsageError(f"--kernel_size values must be at least 1, got {low}")
+    if low > high:
+        raise UsageError(
+            f"--kernel_size {low} {high} is an empty range: give the smaller size first, "
+            f"as in --kernel_size {high} {low}"
+        )
+    return low, high
+
+
+def _resolve_device(device: int) -> str:
+    import torch
+
+    if device == -1:
+        return "cpu"
+    if device < -1:
+        raise UsageError(f"--device must be -1 (CPU) or a CUDA device index, got {device}")
+    if not torch.cuda.is_available():
+        logger.warning("CUDA is not available; running on the CPU instead of cuda:%d", device)
+        return "cpu"
+    count = torch.cuda.device_count()
+    if device >= count:
+        raise UsageError(
+            f"--device {device} does not exist: this machine has {count} CUDA device(s), "
+            f"numbered 0 to {count - 1}; use -1 for the CPU"
+        )
+    return f"cuda:{device}"
+
+
+def _check_output_folder(path: str) -> None:
+    """Raise UsageError unless ``path`` exists as a writable folder or can be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output_path {path} is a file, not a folder; choose another path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--output_path {path} cannot be written: {existing} is not a writable folder; "
+            "choose a folder you can write to"
+        )
+
+
+def _pairs(options: RunOptions) -> list[tuple[int, int, str, str]]:
+    """Return (x index, y index, x name, y name) for every pair, before depths."""
+    names = list(options.models_names)
+    if options.compare_all:
+        if options.compare_models_names:
+            logger.warning("--compare_models_names is ignored with --compare_all 1")
+        return [(i, j, names[i], names[j]) for i, j in itertools.combinations_with_replacement(range(len(names)), 2)]
+
+    compare = options.compare_models_names
+    if compare is None:
+        compare = names
+    elif len(compare) != len(names):
+        raise UsageError(
+            f"--compare_models_names got {len(compare)} names for {len(names)} "
+            "--models_names; give one per model, or omit it to compare each model with itself"
+        )
+    return [(i, i, names[i], compare[i]) for i in range(len(names))]
+
+
+def _label_models(specs: list[ModelSpec]) -> dict[ModelSpec, ModelSpec]:
+    """Give each distinct spec a label that tells it apart from specs of the same name."""
+    labelled = {}
+    for spec in specs:
+        same_name = [other for other in specs if other.name == spec.name]
+        parts = [spec.name]
+        if len({other.pretrained for other in same_name}) > 1:
+            parts.append("pretrained" if spec.pretrained else "random")
+        if len({other.input_size for other in same_name}) > 1:
+            parts.append(f"{spec.input_size}px")
+        labelled[spec] = dataclasses.replace(spec, label="-".join(parts))
+    return labelled
+
+
+def _file_stem(task: PairTask) -> str:
+    scope = "conv_only" if task.conv_only else f"depth_{task.depth}"
+    stem = f"{scope}_{task.model_y.label}_vs_{task.model_x.label}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+
+
+def _unique_stems(tasks: list[PairTask]) -> list[PairTask]:
+    """Give every task a distinct file stem, adding the CKA type and then a counter."""
+    stems = [_file_stem(task) for task in tasks]
+    for index, task in enumerate(tasks):
+        if stems.count(stems[index]) > 1:
+            stems[index] = f"{stems[index]}_{task.cka_type}"
+    seen: dict[str, int] = {}
+    unique = []
+    for task, stem in zip(tasks, stems):
+        seen[stem] = seen.get(stem, 0) + 1
+        if seen[stem] > 1:
+            stem = f"{stem}_{seen[stem]}"
+        unique.append(dataclasses.replace(task, stem=stem))
+    return unique
+
+
+def build_plan(options: RunOptions) -> RunPlan:
+    """Check the options and expand them into one task per heatmap.
+
+    Raises:
+        UsageError: for any invalid option or combination.
+        models.ModelLoadError: for an unknown model name.
+    """
+    if not options.models_names:
+        raise UsageError("--models_names needs at least one model name")
+    _check_options(options)
+    kernel_range = _kernel_range(options)
+    _check_output_folder(options.output_path)
+    library = LIBRARIES[0] if options.torchvision else LIBRARIES[1]
+
+    pairs = _pairs(options)
+    for _, _, name_x, name_y in pairs:
+        check_model_name(library, name_x)
+        check_model_name(library, name_y)
+
+    count = len(pairs)
+    pretrained = _expand("pretrained", options.pretrained, count)
+    compare_pretrained = (
+        _expand("compare_pretrained", options.compare_pretrained, count)
+        if options.compare_pretrained is not None
+        else pretrained
+    )
+    sizes = _expand("input_shape", options.input_shape, count)
+    cka_types = _expand("CKA_type", options.CKA_type, count)
+    if options.compare_all:
+        depths_per_pair = [list(dict.fromkeys(options.layers_depth))] * count
+    else:
+        depths_per_pair = [[depth] for depth in _expand("layers_depth", options.layers_depth, count)]
+
+    if options.conv_only:
+        if any(depth != -1 for depth in options.layers_depth):
+            logger.warning("--layers_depth is ignored with --conv_only 1: convolutions are leaf modules")
+        depths_per_pair = [[-1]] * count
+    if library == "pretrainedmodels" and any(size != 224 for size in options.input_shape):
+        logger.warning("--input_shape is ignored for pretrainedmodels models, which use their own input size")
+
+    def spec(name: str, is_pretrained: int, size: int) -> ModelSpec:
+        if library == "pretrainedmodels":
+            size = input_spec(library, name, size).size
+        return ModelSpec(library, name, bool(is_pretrained), size, options.seed)
+
+    tasks = []
+    for index, (_, _, name_x, name_y) in enumerate(pairs):
+        settings = KernelSettings(CKA_TYPES[cka_types[index]], options.rbf_sigma, options.hsic)
+        model_x = spec(name_x, pretrained[index], sizes[index])
+        model_y = spec(name_y, compare_pretrained[index], sizes[index])
+        for depth in depths_per_pair[index]:
+            tasks.append(
+                PairTask(model_x, model_y, depth, bool(options.conv_only), cka_types[index], settings)
+            )
+
+    labels = _label_models(list(dict.fromkeys([t.model_x for t in tasks] + [t.model_y for t in tasks])))
+    tasks = [
+        dataclasses.replace(task, model_x=labels[task.model_x], model_y=labels[task.model_y])
+        for task in tasks
+    ]
+    return RunPlan(
+        options=options,
+        tasks=_unique_stems(tasks),
+        library=library,
+        image_count=options.batch_size * options.dataloader_size,
+        kernel_range=kernel_range,
+        device=_resolve_device(options.device),
+    )

@@ -1,0 +1,47 @@
+"""Models to compare: building them, choosing their layers, and hooking those layers."""
+
+from .hooks import KernelRecorder
+from .layers import (
+    CallRecord,
+    LayerInfo,
+    LayerSelection,
+    first_float_tensor,
+    kernel_sizes_present,
+    max_depth,
+    module_depth,
+    select_layers,
+    trace_calls,
+    union_of_layers,
+)
+from .zoo import (
+    LIBRARIES,
+    InputSpec,
+    ModelLoadError,
+    available_models,
+    build_model,
+    check_model_name,
+    input_spec,
+    weights_file,
+)
+
+__all__ = [
+    "LIBRARIES",
+    "CallRecord",
+    "InputSpec",
+    "KernelRecorder",
+    "LayerInfo",
+    "LayerSelection",
+    "ModelLoadError",
+    "available_models",
+    "build_model",
+    "check_model_name",
+    "first_float_tensor",
+    "input_spec",
+    "kernel_sizes_present",
+    "max_depth",
+    "module_depth",
+    "select_layers",
+    "trace_calls",
+    "union_of_layers",
+    "weights_file",
+]

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=5, help="images per batch")
     add("--dataloader_size", type=int, default=2,
         help="number of batches; the run uses batch_size x dataloader_size images")
+
     add("--torchvision", type=int, default=0,
         help="1: build models with torchvision; 0: with the pretrainedmodels package")
     add("--pretrained", type=int, nargs="+", default=[1],
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per pair: --pretrained for the compare side; default: same as --pretrained")
     add("--device", type=int, default=0,
         help="-1: CPU; N: CUDA device N, or the CPU with a warning when CUDA is unavailable")
+
     add("--models_names", type=str, nargs="+", required=True,
         help="architectures to compare, such as resnet18 vgg16")
     add("--compare_models_names", type=str, nargs="+", default=None,
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--input_shape", type=int, nargs="+", default=[224],
         help="per pair: input side in pixels for torchvision models; pretrainedmodels "
              "models use the size of their settings")
+
     add("--CKA_type", type=str, nargs="+", default=["kernel_CKA"],
         choices=["kernel_CKA", "linear_CKA"], help="per pair: RBF-kernel CKA or linear CKA")
     add("--layers_depth", type=int, nargs="+", default=[-1],
@@ -85,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --conv_only 1: one value for an exact kernel size, two for an inclusive range")
     add("--include_parameter_free", type=int, default=0,
         help="1: also compare modules without parameters, such as activations and pooling")
+
     add("--hsic", type=str, default="unbiased", choices=["unbiased", "biased"],
         help="HSIC estimator: unbiased (Song et al. 2012, needs batch_size >= 4) or biased")
     add("--rbf_sigma", type=float, default=1.0,
         help="kernel_CKA bandwidth, as a multiple of the median distance between examples")
+
     add("--seed", type=int, default=0,
         help="seed of the image subset, the sample_photos crops and random initialisation")
     add("--data_root", type=str, default=None,
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--download", type=int, default=1,
         help="1: download a missing torchvision dataset; 0: never use the network for it")
     add("--num_workers", type=int, default=0, help="processes that load and preprocess images")
+
     add("--no_progress", action="store_true", help="hide the progress bars")
     add("--log_level", type=str, default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")

@@ -1,6 +1,6 @@
 """CKA estimators and accumulators.
 
-Pure tensor code: nothing here knows about models or datasets. The engine turns each
+Pure tensor code that does not depend on models or datasets. The engine turns each
 layer's output into a kernel with ``cka.kernels``, packs it with ``hsic_vectors`` and sums
 every layer pair of a batch in ``MinibatchCKA``.
 """

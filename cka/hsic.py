@@ -11,10 +11,9 @@ Both estimators of HSIC are bilinear in the two kernels, so each one can be writ
   rows sum to zero, which makes ``<C(K), C(L)>`` equal to Song et al.'s
   ``[tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))``.
 
-Because ``C(K)`` is symmetric, its upper triangle carries all of it: ``hsic_vectors``
-packs the diagonal and ``sqrt(2)`` times the strict upper triangle into one vector, so that
-plain dot products of vectors are HSIC values and every layer pair of a batch is one
-matrix product. Self-HSIC is then a squared norm, never negative.
+``C(K)`` is symmetric, so ``hsic_vectors`` packs its diagonal and ``sqrt(2)`` times its
+strict upper triangle into one vector. Dot products of such vectors are HSIC values, and
+every layer pair of a batch is one matrix product. Self-HSIC is then a squared norm, never negative.
 """
 
 import functools

@@ -1,7 +1,7 @@
 """Where the images come from: a torchvision dataset, a folder, or bundled photographs.
 
-Every source gives PIL images in a fixed order. ``open_images`` picks a deterministic,
-seeded subset of the requested size, so every model of a run sees the same images in
+Every source returns PIL images in a fixed order. ``open_images`` picks a deterministic,
+seeded subset of the requested size, so every model of a run gets the same images in
 the same order and the same batches.
 """
 

@@ -31,7 +31,7 @@ CKA_TYPES = {"kernel_CKA": "rbf", "linear_CKA": "linear"}
 
 
 class UsageError(ValueError):
-    """The options cannot describe a valid run; the message says how to fix them."""
+    """Invalid options or combination of options, with a message on how to fix them."""
 
 
 @dataclasses.dataclass
@@ -77,7 +77,7 @@ class ModelSpec:
         pretrained: ImageNet weights, or random initialisation seeded by ``seed``.
         input_size: side of the square input in pixels.
         seed: seed of the random initialisation.
-        label: short name that tells this instance apart from the others of the run.
+        label: short name that distinguishes this instance from the others of the run.
     """
 
     library: str
@@ -279,7 +279,7 @@ def _pairs(options: RunOptions) -> list[tuple[int, int, str, str]]:
 
 
 def _label_models(specs: list[ModelSpec]) -> dict[ModelSpec, ModelSpec]:
-    """Give each distinct spec a label that tells it apart from specs of the same name."""
+    """Give each distinct spec a label that distinguishes it from specs of the same name."""
     labelled = {}
     for spec in specs:
         same_name = [other for other in specs if other.name == spec.name]

@@ -37,8 +37,8 @@ __all__ = ["PairResult", "PreparedModel", "RunResult", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
-# Images in the trial forward pass that orders the layers. Two, so that an output whose
-# first dimension is not the batch can be told apart.
+# Images in the trial forward pass that orders the layers. With two, an output whose first
+# dimension is not the batch can be detected.
 _TRACE_IMAGES = 2
 
 

@@ -183,7 +183,7 @@ def _candidate_modules(
     kernel_range: tuple[int, int],
     include_parameter_free: bool,
 ) -> list[str]:
-    """Return the qualified names of the modules a selection asks for, in definition order."""
+    """Return the qualified names of the modules a selection requests, in definition order."""
     names = []
     for name, module in model.named_modules():
         if not name:

@@ -42,8 +42,8 @@ def plot_cka_heatmap(
     """Draw a CKA matrix as a heatmap and return the figure.
 
     Row 0 sits at the bottom and column 0 at the left, so the diagonal of a
-    self-comparison runs from the lower left to the upper right. Colours span [0, 1];
-    NaN cells are grey and the colour bar says so when there are any. When an axis
+    self-comparison runs from the lower left to the upper right. Colours span [0, 1].
+    NaN cells are grey, and the colour bar label counts them when there are any. When an axis
     has more than 40 layers, every k-th tick label is shown.
 
     Args:
@@ -67,8 +67,7 @@ def plot_cka_heatmap(
     figure = plt.figure(figsize=(_side(columns) + 2.0, _side(rows)), layout="constrained")
     axes = figure.add_subplot()
 
-    colour_map = matplotlib.colormaps["magma"].copy()
-    colour_map.set_bad(NAN_COLOR)
+    colour_map = matplotlib.colormaps["magma"].with_extremes(bad=NAN_COLOR)
     image = axes.imshow(
         np.ma.masked_invalid(matrix),
         origin="lower",

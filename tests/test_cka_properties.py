@@ -1,0 +1,208 @@
+"""Properties CKA must have, and agreement between the batched path and one-shot formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cka import (
+    MinibatchCKA,
+    center_features,
+    hsic,
+    hsic_vectors,
+    layer_kernels,
+    linear_gram,
+    minibatch_cka,
+    rbf_from_gram,
+)
+
+SETTINGS = [
+    pytest.param({"kernel": "linear", "estimator": "unbiased"}, id="linear-unbiased"),
+    pytest.param({"kernel": "linear", "estimator": "biased"}, id="linear-biased"),
+    pytest.param({"kernel": "rbf", "estimator": "unbiased"}, id="rbf-unbiased"),
+    pytest.param({"kernel": "rbf", "estimator": "biased"}, id="rbf-biased"),
+]
+
+
+def _features(seed: int, batches: int = 3, n: int = 12, dim: int = 20) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=generator, dtype=torch.float64) for _ in range(batches)]
+
+
+def _related(features: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(features[0].shape[1], 15, generator=generator, dtype=torch.float64)
+    related = []
+    for x in features:
+        noise = torch.randn(x.shape[0], 15, generator=generator, dtype=torch.float64)
+        related.append(torch.tanh(x.double() @ weights) + 0.3 * noise)
+    return related
+
+
+def _song_unbiased_hsic(kernel_x: np.ndarray, kernel_y: np.ndarray) -> float:
+    """Song et al. (2012), equation (5), written out term by term."""
+    n = kernel_x.shape[0]
+    k = kernel_x - np.diag(np.diag(kernel_x))
+    l = kernel_y - np.diag(np.diag(kernel_y))
+    ones = np.ones(n)
+    trace_term = np.trace(k @ l)
+    sum_term = (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+    cross_term = 2.0 / (n - 2) * (ones @ k @ l @ ones)
+    return (trace_term + sum_term - cross_term) / (n * (n - 3))
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_self_similarity_is_one(settings):
+    features = _features(0)
+
+    assert minibatch_cka(features, features, **settings) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_symmetric_in_its_arguments(settings):
+    features_x = _features(1)
+    features_y = _related(features_x, 2)
+
+    forward = minibatch_cka(features_x, features_y, **settings)
+    backward = minibatch_cka(features_y, features_x, **settings)
+
+    assert forward == pytest.approx(backward, rel=1e-12)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_invariant_to_orthogonal_transform(settings):
+    features_x = _features(3)
+    features_y = _related(features_x, 4)
+    rotation, _ = torch.linalg.qr(torch.randn(20, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+
+    original = minibatch_cka(features_x, features_y, **settings)
+    rotated = minibatch_cka([x @ rotation for x in features_x], features_y, **settings)
+
+    assert rotated == pytest.approx(original, rel=1e-10)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("scale", [1e-3, 7.0, 1e4])
+def test_invariant_to_isotropic_scaling(settings, scale):
+    features_x = _features(6)
+    features_y = _related(features_x, 7)
+
+    original = minibatch_cka(features_x, features_y, **settings)
+    scaled = minibatch_cka([scale * x for x in features_x], features_y, **settings)
+
+    assert scaled == pytest.approx(original, rel=1e-10)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_invariant_to_translation(settings):
+    features_x = _features(8)
+    features_y = _related(features_x, 9)
+
+    original = minibatch_cka(features_x, features_y, **settings)
+    shifted = minibatch_cka([x + 50.0 for x in features_x], features_y, **settings)
+
+    assert shifted == pytest.approx(original, rel=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_unbiased_hsic_matches_song_formula(kernel):
+    features_x, features_y = _features(10, batches=1)[0], _related(_features(10, batches=1), 11)[0]
+    kernel_x = layer_kernels(features_x, kernel)
+    kernel_y = layer_kernels(features_y, kernel)
+
+    value = float(hsic(kernel_x, kernel_y, "unbiased"))
+
+    assert value == pytest.approx(_song_unbiased_hsic(kernel_x.numpy(), kernel_y.numpy()), rel=1e-10)
+
+
+def test_biased_one_batch_is_classic_cka():
+    features_x = _features(12, batches=1, n=30)[0]
+    features_y = _related([features_x], 13)[0]
+    centered_x = features_x - features_x.mean(0)
+    centered_y = features_y - features_y.mean(0)
+    # Kornblith et al. (2019), equation for linear CKA with centered features.
+    classic = (
+        torch.linalg.matrix_norm(centered_y.T @ centered_x) ** 2
+        / (torch.linalg.matrix_norm(centered_x.T @ centered_x) * torch.linalg.matrix_norm(centered_y.T @ centered_y))
+    )
+
+    value = minibatch_cka([features_x], [features_y], kernel="linear", estimator="biased")
+
+    assert value == pytest.approx(float(classic), rel=1e-10)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_all_pairs_product_matches_one_pair_at_a_time(settings):
+    layers_x = [_features(20 + i) for i in range(3)]
+    layers_y = [_related(layers_x[0], 30 + i) for i in range(2)]
+    sigma = 1.0
+
+    accumulator = MinibatchCKA()
+    for batch in range(3):
+        stack_x = torch.stack([linear_gram(layer[batch]) for layer in layers_x]).double()
+        stack_y = torch.stack([linear_gram(layer[batch]) for layer in layers_y]).double()
+        if settings["kernel"] == "rbf":
+            stack_x, stack_y = rbf_from_gram(stack_x, sigma), rbf_from_gram(stack_y, sigma)
+        accumulator.update(
+            hsic_vectors(stack_x, settings["estimator"]), hsic_vectors(stack_y, settings["estimator"])
+        )
+    matrix = accumulator.compute()
+
+    assert matrix.shape == (3, 2)
+    for i, layer_x in enumerate(layers_x):
+        for j, layer_y in enumerate(layers_y):
+            assert float(matrix[i, j]) == pytest.approx(minibatch_cka(layer_x, layer_y, **settings), rel=1e-12)
+
+
+def test_minibatch_sums_hsic_over_every_batch():
+    features_x = _features(40, batches=3)
+    features_y = _related(features_x, 41)
+    kernels_x = [layer_kernels(x) for x in features_x]
+    kernels_y = [layer_kernels(y) for y in features_y]
+    cross = sum(float(hsic(k, l)) for k, l in zip(kernels_x, kernels_y))
+    self_x = sum(float(hsic(k, k)) for k in kernels_x)
+    self_y = sum(float(hsic(l, l)) for l in kernels_y)
+
+    value = minibatch_cka(features_x, features_y)
+    last_batch_only = minibatch_cka(features_x[-1:], features_y[-1:])
+
+    assert value == pytest.approx(cross / math.sqrt(self_x * self_y), rel=1e-12)
+    assert value != pytest.approx(last_batch_only, rel=1e-3)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_constant_side_gives_nan(settings):
+    features_x = [torch.full((10, 8), 0.1, dtype=torch.float32) for _ in range(2)]
+    features_y = [torch.randn(10, 8) for _ in range(2)]
+
+    assert math.isnan(minibatch_cka(features_x, features_y, **settings))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_upcast(dtype):
+    features_x = [x.float() * 300.0 for x in _features(50)]
+    features_y = _related(features_x, 51)
+
+    reference = minibatch_cka([x.double() for x in features_x], features_y)
+    value = minibatch_cka([x.to(dtype) for x in features_x], [y.to(dtype) for y in features_y])
+
+    assert math.isfinite(value)
+    assert value == pytest.approx(reference, abs=0.02)
+
+
+def test_large_mean_float32_matches_float64():
+    features_x = [x + 100.0 for x in _features(60, n=64, dim=256)]
+    features_y = _related(features_x, 61)
+
+    reference = minibatch_cka(features_x, [y + 100.0 for y in features_y])
+    value = minibatch_cka([x.float() for x in features_x], [(y + 100.0).float() for y in features_y])
+
+    assert math.isfinite(value)
+    assert value == pytest.approx(reference, abs=1e-5)
+
+
+def test_centered_constant_features_are_exactly_zero():
+    features = torch.full((7, 5), 0.1, dtype=torch.float32)
+
+    assert torch.count_nonzero(center_features(features)) == 0

@@ -1,0 +1,109 @@
+"""Image sources and per-model preprocessing."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DatasetError, batches, make_transform, open_images
+
+
+def test_sample_photos_are_deterministic():
+    first = open_images("sample_photos", 25, seed=3)
+    second = open_images("sample_photos", 25, seed=3)
+
+    assert len(first) == 25
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
+    assert all(image.mode == "RGB" for image in first)
+
+
+def test_sample_photos_depend_on_seed():
+    first = open_images("sample_photos", 4, seed=0)
+    second = open_images("sample_photos", 4, seed=1)
+
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+
+
+def test_sample_photos_any_count():
+    images = open_images("sample_photos", 1000)
+
+    assert len(images) == 1000
+    assert images[999].width == images[999].height
+
+
+def _write_images(folder, count, mode="RGB"):
+    for index in range(count):
+        sub = folder / f"class{index % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((20 + index, 30, 3) if mode == "RGB" else (20 + index, 30), index * 10, dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"image{index}.png")
+
+
+def test_folder_with_class_subfolders(tmp_path):
+    _write_images(tmp_path, 6)
+
+    images = open_images(str(tmp_path), 4, seed=0)
+
+    assert len(images) == 4
+    assert len(set(images.indices)) == 4
+    assert images.indices == open_images(str(tmp_path), 4, seed=0).indices
+
+
+def test_grayscale_becomes_three_channels(tmp_path):
+    _write_images(tmp_path, 2, mode="L")
+
+    image = open_images(str(tmp_path), 2)[0]
+    tensor = make_transform(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(image)
+
+    assert image.mode == "RGB"
+    assert tensor.shape == (3, 16, 16)
+
+
+def test_folder_with_too_few_images(tmp_path):
+    _write_images(tmp_path, 3)
+
+    with pytest.raises(DatasetError, match=r"needs 10 images .* has 3; lower --batch_size or --dataloader_size"):
+        open_images(str(tmp_path), 10)
+
+
+def test_unknown_dataset_suggests_class_name():
+    with pytest.raises(DatasetError, match="Did you mean .*CIFAR10"):
+        open_images("cifar10", 4)
+
+
+def test_missing_dataset_without_download(tmp_path):
+    with pytest.raises(DatasetError, match=rf"CIFAR10 is not in {tmp_path}"):
+        open_images("CIFAR10", 4, data_root=str(tmp_path), download=False)
+
+
+def test_bgr_0_255_preprocessing():
+    image = Image.fromarray(np.array([[[255, 0, 0]]], dtype=np.uint8))
+    transform = make_transform(1, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
+                               value_range=(0.0, 255.0), color_space="BGR")
+
+    values = transform(image).flatten().tolist()
+
+    # A pure red pixel in BGR order: blue 0, green 0, red 255, minus the BGR means.
+    assert values == pytest.approx([0.0 - 104.0, 0.0 - 117.0, 255.0 - 128.0])
+
+
+def test_rgb_imagenet_preprocessing():
+    image = Image.fromarray(np.full((4, 6, 3), 128, dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    tensor = make_transform(2, mean, std)(image)
+
+    expected = [(128 / 255 - m) / s for m, s in zip(mean, std)]
+    assert tensor.shape == (3, 2, 2)
+    assert tensor[:, 0, 0].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_batches_keep_order():
+    images = open_images("sample_photos", 6)
+    transform = make_transform(8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    loaded = torch.cat(list(batches(images, transform, 4)))
+    direct = torch.stack([transform(image) for image in images])
+
+    assert [len(batch) for batch in batches(images, transform, 4)] == [4, 2]
+    assert torch.equal(loaded, direct)

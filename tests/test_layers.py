@@ -1,0 +1,288 @@
+"""Layer selection, execution order and hooks, on torchvision's resnet18 and tiny models."""
+
+import pytest
+import torch
+from torch import nn
+
+from cka import linear_gram
+from models import KernelRecorder, LayerInfo, build_model, select_layers, trace_calls, union_of_layers
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    model = build_model("torchvision", "resnet18", pretrained=False, size=32)
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, trace_calls(model, inputs)
+
+
+def _names(selection):
+    return [layer.name for layer in selection.layers]
+
+
+def test_resnet18_depth_one(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=1)
+
+    assert _names(selection) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert "fc" in selection.dropped
+
+
+def test_resnet18_depth_two(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=2)
+
+    blocks = [f"layer{stage}.{block}" for stage in range(1, 5) for block in range(2)]
+    assert _names(selection) == ["conv1", "bn1", *blocks]
+
+
+def test_resnet18_leaves(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=-1)
+    names = _names(selection)
+
+    # 20 convolutions and 20 BatchNorms; fc is the removed output layer.
+    assert len(names) == 40
+    assert names[:4] == ["conv1", "bn1", "layer1.0.conv1", "layer1.0.bn1"]
+    assert names[-4:] == ["layer4.1.conv1", "layer4.1.bn1", "layer4.1.conv2", "layer4.1.bn2"]
+    assert names.index("layer2.0.bn2") < names.index("layer2.0.downsample.0")
+
+
+def test_resnet18_leaves_keep_output_layer(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False)
+
+    assert len(selection.layers) == 41
+    assert selection.layers[-1].name == "fc"
+
+
+def test_resnet18_conv_only(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, conv_only=True, kernel_range=(3, 100))
+    names = _names(selection)
+
+    # conv1 is 7x7 and the 16 block convolutions 3x3; downsample convolutions are 1x1.
+    assert len(names) == 17
+    assert names[0] == "conv1"
+    assert not any("downsample" in name for name in names)
+    assert all(layer.module_type == "Conv2d" for layer in selection.layers)
+
+
+def test_resnet18_conv_only_exact_size(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, conv_only=True, kernel_range=(1, 1))
+
+    assert _names(selection) == [f"layer{stage}.0.downsample.0" for stage in (2, 3, 4)]
+
+
+def test_depth_beyond_deepest_is_clamped(resnet18, caplog):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=9)
+
+    assert selection.depth == 4
+    assert "no modules at depth 9" in caplog.text
+    assert _names(selection) == _names(select_layers(model, calls, batch_size=2, depth=-1))
+
+
+def test_relu_called_twice_gives_two_layers(resnet18):
+    model, calls = resnet18
+
+    selection = select_layers(model, calls, batch_size=2, depth=-1, include_parameter_free=True)
+    names = _names(selection)
+
+    assert "layer1.0.relu#1" in names
+    assert "layer1.0.relu#2" in names
+    assert names.index("layer1.0.bn1") < names.index("layer1.0.relu#1") < names.index("layer1.0.conv2")
+    assert names.index("layer1.0.bn2") < names.index("layer1.0.relu#2")
+
+
+class DefinedOutOfOrder(nn.Module):
+    """``late`` is defined first but runs last; ``unused`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.Linear(6, 3)
+        self.early = nn.Linear(4, 6)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.late(torch.relu(self.early(x)))
+
+
+def test_rows_follow_execution_order():
+    model = DefinedOutOfOrder()
+    calls = trace_calls(model, torch.randn(2, 4))
+
+    selection = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False)
+
+    assert _names(selection) == ["early", "late"]
+    assert selection.dropped == {"unused": "never ran during the forward pass"}
+
+
+def test_labels_match_recorded_rows():
+    model = DefinedOutOfOrder()
+    inputs = torch.randn(5, 4)
+    calls = trace_calls(model, inputs[:2])
+    layers = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False).layers
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    early = model.early(inputs)
+    assert torch.allclose(grams[0], linear_gram(early), atol=1e-5)
+    assert torch.allclose(grams[1], linear_gram(model.late(torch.relu(early))), atol=1e-5)
+
+
+class SharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.block(torch.tanh(self.block(x)))
+
+
+def test_module_called_twice_gives_calls_in_order():
+    model = SharedBlock()
+    inputs = torch.randn(6, 4)
+    calls = trace_calls(model, inputs[:2])
+    layers = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False).layers
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    first = model.block(inputs)
+    second = model.block(torch.tanh(first))
+    assert [layer.name for layer in layers] == ["block#1", "block#2"]
+    assert torch.allclose(grams[0], linear_gram(first), atol=1e-5)
+    assert torch.allclose(grams[1], linear_gram(second), atol=1e-5)
+
+
+class RecurrentAndDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 5, batch_first=True)
+        self.heads = DictHeads()
+
+    def forward(self, x):
+        sequence, _ = self.rnn(x)
+        return self.heads(sequence[:, -1])["logits"]
+
+
+class DictHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return {"labels": torch.argmax(x, dim=1), "logits": self.linear(x)}
+
+
+def test_tuple_and_dict_outputs_use_first_float_tensor():
+    model = RecurrentAndDict()
+    inputs = torch.randn(4, 7, 3)
+    calls = trace_calls(model, inputs[:2])
+    layers = select_layers(model, calls, batch_size=2, depth=1, remove_output_layer=False).layers
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    sequence, _ = model.rnn(inputs)
+    logits = model.heads.linear(sequence[:, -1])
+    assert [layer.name for layer in layers] == ["rnn", "heads"]
+    assert torch.allclose(grams[0], linear_gram(sequence), atol=1e-5)
+    assert torch.allclose(grams[1], linear_gram(logits), atol=1e-5)
+
+
+class IntegerOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.argmax = ArgMax()
+
+    def forward(self, x):
+        return self.argmax(self.linear(x))
+
+
+class ArgMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return torch.argmax(x * self.scale, dim=1)
+
+
+def test_layer_without_float_output_is_dropped():
+    model = IntegerOutput()
+    calls = trace_calls(model, torch.randn(2, 3))
+
+    selection = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False)
+
+    assert _names(selection) == ["linear"]
+    assert selection.dropped == {"argmax": "output contains no floating-point tensor"}
+
+
+def test_inplace_relu_does_not_change_recorded_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)  # many outputs become negative
+    model.eval()
+    inputs = torch.randn(6, 3, 8, 8)
+    calls = trace_calls(model, inputs[:2])
+    layers = select_layers(model, calls, batch_size=2, depth=-1, remove_output_layer=False).layers
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    with torch.no_grad():
+        batchnorm_output = model[1](model[0](inputs))
+    assert [layer.name for layer in layers] == ["0", "1"]
+    assert (batchnorm_output < 0).any()
+    assert torch.allclose(grams[1], linear_gram(batchnorm_output), atol=1e-4)
+    assert not torch.allclose(grams[1], linear_gram(torch.relu(batchnorm_output)), atol=1e-2)
+
+
+class Failing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.linear(x)
+        raise RuntimeError("forward failed")
+
+
+def test_hooks_removed_and_mode_restored_after_exception():
+    model = Failing().train()
+    layers = [LayerInfo("linear", "linear", 1, "Linear")]
+
+    with pytest.raises(RuntimeError, match="forward failed"):
+        with KernelRecorder(model, layers) as recorder:
+            assert not model.training
+            recorder.grams(torch.randn(4, 3))
+
+    assert model.training
+    assert not model.linear._forward_hooks
+    with pytest.raises(RuntimeError, match="forward failed"):
+        trace_calls(model, torch.randn(2, 3))
+    assert model.training
+    assert not model.linear._forward_hooks
+
+
+def test_union_keeps_execution_order(resnet18):
+    model, calls = resnet18
+    depth_one = select_layers(model, calls, batch_size=2, depth=1)
+    leaves = select_layers(model, calls, batch_size=2, depth=-1)
+
+    union = union_of_layers(calls, [depth_one, leaves])
+    names = [layer.name for layer in union]
+
+    assert len(names) == len(set(names)) == 40 + 4
+    assert names.index("layer1.1.bn2") < names.index("layer1") < names.index("layer2.0.conv1")

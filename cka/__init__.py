@@ -7,13 +7,13 @@ every layer pair of a batch in ``MinibatchCKA``.
 
 from .accumulate import KERNELS, MinibatchCKA, layer_kernels, minibatch_cka
 from .hsic import MIN_EXAMPLES, center_kernels, hsic, hsic_vectors
-from .kernels import center_features, linear_gram, rbf_from_gram, squared_distances
+from .kernels import shift_features, linear_gram, rbf_from_gram, squared_distances
 
 __all__ = [
     "KERNELS",
     "MIN_EXAMPLES",
     "MinibatchCKA",
-    "center_features",
+    "shift_features",
     "center_kernels",
     "hsic",
     "hsic_vectors",

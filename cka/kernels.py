@@ -9,34 +9,34 @@ products overflow and its sums lose digits.
 import torch
 
 __all__ = [
-    "center_features",
+    "shift_features",
     "linear_gram",
     "rbf_from_gram",
     "squared_distances",
 ]
 
 
-def center_features(features: torch.Tensor) -> torch.Tensor:
-    """Flatten a batch of representations and center every feature.
+def shift_features(features: torch.Tensor) -> torch.Tensor:
+    """Flatten a batch of representations and subtract the first example from every row.
 
-    The first example is subtracted before the mean. That first step is exact for
-    features that are constant over the batch, so a constant layer becomes exactly zero
-    and its CKA is reported as undefined instead of a value made of rounding errors. It
-    also removes a large common offset before the Gram product, which would otherwise
-    cost float32 most of its digits.
+    CKA only sees kernels after they are double-centered, and both HSIC estimators
+    are unchanged when every example moves by the same vector, so any reference point
+    will do. Subtracting an example, unlike subtracting the mean, is exact for a feature
+    that is constant over the batch, and usually exact for a large common offset
+    (Sterbenz's lemma). So a constant layer becomes exactly zero, which makes its CKA
+    NaN instead of a ratio of rounding errors, and float32 Gram products keep their
+    digits when features have a large mean.
 
     Args:
         features: ``(n, ...)`` representations of ``n`` examples.
 
     Returns:
-        ``(n, p)`` centered features in float32, or float64 for float64 input.
+        ``(n, p)`` shifted features in float32, or float64 for float64 input.
     """
     flat = features.detach().reshape(features.shape[0], -1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-
-    shifted = flat - flat[:1]
-    return shifted - shifted.mean(dim=0, keepdim=True)
+    return flat - flat[:1]
 
 
 def linear_gram(features: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def linear_gram(features: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(n, n)`` Gram matrix of the centered features.
     """
-    centered = center_features(features)
+    centered = shift_features(features)
     return centered @ centered.T
 
 

@@ -8,7 +8,7 @@ import torch
 
 from cka import (
     MinibatchCKA,
-    center_features,
+    shift_features,
     hsic,
     hsic_vectors,
     layer_kernels,
@@ -205,4 +205,4 @@ def test_large_mean_float32_matches_float64():
 def test_centered_constant_features_are_exactly_zero():
     features = torch.full((7, 5), 0.1, dtype=torch.float32)
 
-    assert torch.count_nonzero(center_features(features)) == 0
+    assert torch.count_nonzero(shift_features(features)) == 0

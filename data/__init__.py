@@ -1,14 +1,25 @@
-"""Images for the compared models: datasets, folders, bundled photographs, batching."""
+"""Images for the compared models: datasets, folders, bundled photographs, preprocessing."""
 
-from .preprocess import batches, make_transform
-from .sources import SAMPLE_PHOTOS, DatasetError, ImageSet, default_data_root, open_images
+from .preprocess import Normalizer, make_transform, resized_batches
+from .sources import (
+    SAMPLE_PHOTOS,
+    DatasetError,
+    ImageRegion,
+    ImageSet,
+    default_data_root,
+    open_images,
+    square_resize,
+)
 
 __all__ = [
     "SAMPLE_PHOTOS",
     "DatasetError",
+    "ImageRegion",
     "ImageSet",
-    "batches",
+    "Normalizer",
     "default_data_root",
     "make_transform",
     "open_images",
+    "resized_batches",
+    "square_resize",
 ]

@@ -1,4 +1,8 @@
-"""Per-model preprocessing and batching of an ImageSet."""
+"""Per-model preprocessing: square resizing to uint8 batches, then normalisation.
+
+The two steps are apart so that models with the same input size share the resized
+batches, and only the cheap normalisation runs once per model, on its device.
+"""
 
 from collections.abc import Callable, Sequence
 
@@ -7,7 +11,48 @@ import torchvision.transforms.functional as functional
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["batches", "make_transform"]
+from .sources import ImageRegion, ImageSet, square_resize
+
+__all__ = ["Normalizer", "make_transform", "resized_batches"]
+
+
+class Normalizer:
+    """Turn ``(B, 3, S, S)`` uint8 RGB batches into a model's normalised float32 input.
+
+    Pixel values are scaled to ``value_range``, channels reordered for ``"BGR"``
+    models, then ``mean`` is subtracted and the result divided by ``std``, per channel
+    in the model's channel order.
+
+    Args:
+        mean: per-channel mean, in ``color_space`` order and ``value_range`` units.
+        std: per-channel standard deviation.
+        value_range: pixel range the model expects, ``(0, 1)`` or ``(0, 255)``.
+        color_space: ``"RGB"`` or ``"BGR"``.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        value_range: tuple[float, float] = (0.0, 1.0),
+        color_space: str = "RGB",
+    ) -> None:
+        if color_space not in ("RGB", "BGR"):
+            raise ValueError(f"expected color_space 'RGB' or 'BGR', got {color_space!r}")
+        low, high = value_range
+        std_tensor = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # x_normalised = (low + (high - low) * pixel / 255 - mean) / std = pixel * scale + bias
+        self.scale = (high - low) / 255.0 / std_tensor
+        self.bias = (low - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / std_tensor
+        self.bgr = color_space == "BGR"
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise a ``(B, 3, S, S)`` uint8 RGB batch on its own device."""
+        if self.bgr:
+            pixels = pixels.flip(1)
+        scale = self.scale.to(pixels.device)
+        bias = self.bias.to(pixels.device)
+        return torch.addcmul(bias, pixels.to(torch.float32), scale)
 
 
 def make_transform(
@@ -17,58 +62,45 @@ def make_transform(
     value_range: tuple[float, float] = (0.0, 1.0),
     color_space: str = "RGB",
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the transform from an RGB PIL image to a model's normalised input.
+    """Build the transform from one PIL image to a model's normalised input.
 
-    The shorter side is resized to ``size`` with antialiasing and the center square is
-    cropped. Pixel values are scaled to ``value_range``, channels reordered for
-    ``"BGR"`` models, then ``mean`` is subtracted and the result divided by ``std``.
+    The center square of the image is resized to ``size`` with antialiasing, then
+    normalised as ``Normalizer`` does.
 
     Returns:
         A function mapping a PIL image to a ``(3, size, size)`` float32 tensor.
     """
-    if color_space not in ("RGB", "BGR"):
-        raise ValueError(f"expected color_space 'RGB' or 'BGR', got {color_space!r}")
-    low, high = value_range
-    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    normalizer = Normalizer(mean, std, value_range, color_space)
 
     def transform(image: Image.Image) -> torch.Tensor:
-        image = functional.resize(image, size, antialias=True)
-        image = functional.center_crop(image, size)
-        pixels = functional.pil_to_tensor(image).to(torch.float32) / 255.0
-        pixels = low + (high - low) * pixels
-        if color_space == "BGR":
-            pixels = pixels.flip(0)
-        return (pixels - mean_tensor) / std_tensor
+        pixels = functional.pil_to_tensor(square_resize(ImageRegion(image), size))
+        return normalizer(pixels.unsqueeze(0))[0]
 
     return transform
 
 
-class _TransformedImages(Dataset):
-    def __init__(self, images: Sequence[Image.Image], transform) -> None:
+class _ResizedImages(Dataset):
+    def __init__(self, images: ImageSet, size: int) -> None:
         self.images = images
-        self.transform = transform
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(self.images[index])
+        return functional.pil_to_tensor(self.images.resized(index, self.size))
 
 
-def batches(
-    images: Sequence[Image.Image],
-    transform: Callable[[Image.Image], torch.Tensor],
-    batch_size: int,
-    num_workers: int = 0,
+def resized_batches(
+    images: ImageSet, size: int, batch_size: int, num_workers: int = 0
 ) -> DataLoader:
-    """Return a loader of ``(batch_size, 3, S, S)`` batches in the order of ``images``.
+    """Return a loader of ``(batch_size, 3, size, size)`` uint8 RGB batches, in order.
 
     Consecutive images form each batch and nothing is shuffled, so two models given the
     same ``images`` and ``batch_size`` see the same batches.
     """
     return DataLoader(
-        _TransformedImages(images, transform),
+        _ResizedImages(images, size),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -21,9 +21,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SAMPLE_PHOTOS",
     "DatasetError",
+    "ImageRegion",
     "ImageSet",
     "default_data_root",
     "open_images",
+    "square_resize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,9 +64,54 @@ class DatasetError(ValueError):
     """Images cannot be provided as requested: unknown name, missing data, too few images."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageRegion:
+    """Where one image of an ImageSet lies in its source picture.
+
+    Attributes:
+        image: the source picture.
+        box: ``(left, top, right, bottom)`` of the image in ``image``; None for the
+            whole picture.
+        mirrored: whether the image is the region flipped left to right.
+    """
+
+    image: Image.Image
+    box: tuple[int, int, int, int] | None = None
+    mirrored: bool = False
+
+
+def _center_square(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def square_resize(region: ImageRegion, size: int) -> Image.Image:
+    """Resize the center square of a region to ``size`` x ``size`` RGB pixels.
+
+    One antialiased bilinear resize does the crop and the scaling. ``reducing_gap``
+    first shrinks large pictures by an integer factor, which is much faster and differs
+    from a plain resize by less than one grey level on photographs.
+    """
+    image = region.image
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    left, top, right, bottom = region.box or (0, 0, image.width, image.height)
+    square = _center_square(right - left, bottom - top)
+    box = (left + square[0], top + square[1], left + square[2], top + square[3])
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    if region.mirrored:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return resized if resized.mode == "RGB" else resized.convert("RGB")
+
+
 @dataclasses.dataclass
 class ImageSet(Sequence):
-    """A fixed, ordered list of RGB PIL images.
+    """A fixed, ordered list of images.
+
+    Indexing returns the image as an RGB PIL image at its own resolution; ``resized``
+    returns its center square at a model's input size, which is faster for large
+    pictures.
 
     Attributes:
         description: what the images are, for logs and the run record.
@@ -78,11 +125,22 @@ class ImageSet(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def region(self, position: int) -> ImageRegion:
+        """Return where image ``position`` lies in its source picture."""
+        return self._load(self.indices[position])
+
     def __getitem__(self, position):
         if isinstance(position, slice):
             raise TypeError("ImageSet does not support slicing")
-        image = self._load(self.indices[position])
+        region = self.region(position)
+        image = region.image if region.box is None else region.image.crop(region.box)
+        if region.mirrored:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image if image.mode == "RGB" else image.convert("RGB")
+
+    def resized(self, position: int, size: int) -> Image.Image:
+        """Return image ``position`` as a ``size`` x ``size`` RGB image (center square)."""
+        return square_resize(self.region(position), size)
 
 
 def default_data_root() -> str:
@@ -123,7 +181,7 @@ def _sample_photos(count: int, seed: int) -> ImageSet:
         with Image.open(path) as image:
             photos.append(image.convert("RGB"))
 
-    def crop(index: int) -> Image.Image:
+    def crop(index: int) -> ImageRegion:
         # Photo i mod P, with a crop and a flip drawn from a generator seeded by
         # (seed, i): any number of images, each one the same in every run.
         photo = photos[index % len(photos)]
@@ -131,10 +189,7 @@ def _sample_photos(count: int, seed: int) -> ImageSet:
         side = int(min(photo.size) * rng.uniform(*_CROP_FRACTION))
         left = int(rng.integers(0, photo.width - side + 1))
         top = int(rng.integers(0, photo.height - side + 1))
-        image = photo.crop((left, top, left + side, top + side))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image
+        return ImageRegion(photo, (left, top, left + side, top + side), bool(rng.random() < 0.5))
 
     description = f"{count} seeded square crops of {len(photos)} scikit-image photographs"
     return ImageSet(description, list(range(count)), crop)
@@ -151,9 +206,10 @@ def _folder_images(folder: str, count: int, seed: int) -> ImageSet:
         )
     _check_count(len(paths), count, f"the folder {folder}")
 
-    def load(index: int) -> Image.Image:
+    def load(index: int) -> ImageRegion:
         with Image.open(paths[index]) as image:
-            return image.convert("RGB")
+            image.load()
+            return ImageRegion(image)
 
     indices = _seeded_subset(len(paths), count, seed)
     return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, load)
@@ -215,13 +271,13 @@ def _torchvision_images(dataset_class, count: int, seed: int, root: str, downloa
     split = ", ".join(f"{key}={value}" for key, value in arguments.items() if key != "download")
     _check_count(len(dataset), count, f"{name} ({split or 'whole dataset'})")
 
-    def load(index: int) -> Image.Image:
+    def load(index: int) -> ImageRegion:
         image = dataset[index][0]
         if not isinstance(image, Image.Image):
             import torchvision.transforms.functional
 
             image = torchvision.transforms.functional.to_pil_image(image)
-        return image
+        return ImageRegion(image)
 
     indices = _seeded_subset(len(dataset), count, seed)
     description = f"{count} seeded images of {name} ({split or 'whole dataset'}) from {root}"

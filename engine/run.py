@@ -16,7 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cka import MinibatchCKA, hsic_vectors, rbf_from_gram
-from data import ImageSet, batches, make_transform, open_images
+import torchvision.transforms.functional as functional
+
+from data import ImageSet, Normalizer, open_images, resized_batches
 from models import (
     KernelRecorder,
     LayerInfo,
@@ -49,7 +51,7 @@ class PreparedModel:
     Attributes:
         spec: what the model is.
         module: the model, in eval mode.
-        transform: its preprocessing, from a PIL image to an input tensor.
+        normalizer: turns uint8 batches at ``spec.input_size`` into its input.
         layers: union of the selected layers, in execution order; the hooked layers.
         selections: ``{(depth, conv_only): selection}`` for each requested scope.
         rows: ``{(depth, conv_only): indices into layers}`` for each scope.
@@ -58,7 +60,7 @@ class PreparedModel:
 
     spec: ModelSpec
     module: nn.Module
-    transform: object
+    normalizer: Normalizer
     layers: list[LayerInfo]
     selections: dict[tuple[int, bool], LayerSelection]
     rows: dict[tuple[int, bool], list[int]]
@@ -106,9 +108,10 @@ def _scope(task: PairTask) -> tuple[int, bool]:
     return (task.depth, task.conv_only)
 
 
-def _trace_inputs(images: ImageSet, transform) -> torch.Tensor:
+def _trace_inputs(images: ImageSet, size: int, normalizer: Normalizer) -> torch.Tensor:
     count = min(_TRACE_IMAGES, len(images))
-    return torch.stack([transform(images[index]) for index in range(count)])
+    pixels = [functional.pil_to_tensor(images.resized(index, size)) for index in range(count)]
+    return normalizer(torch.stack(pixels))
 
 
 def _empty_selection_error(spec: ModelSpec, module: nn.Module, scope, plan: RunPlan, selection) -> UsageError:
@@ -136,11 +139,12 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
     """
     options = plan.options
     module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed)
-    preprocessing = dataclasses.asdict(input_spec(spec.library, spec.name, spec.input_size))
-    preprocessing["size"] = spec.input_size
-    transform = make_transform(**preprocessing)
+    preprocessing = input_spec(spec.library, spec.name, spec.input_size)
+    normalizer = Normalizer(
+        preprocessing.mean, preprocessing.std, preprocessing.value_range, preprocessing.color_space
+    )
 
-    trace_inputs = _trace_inputs(images, transform)
+    trace_inputs = _trace_inputs(images, spec.input_size, normalizer)
     try:
         calls = trace_calls(module, trace_inputs)
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
@@ -175,7 +179,7 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
         for scope, selection in selections.items()
     }
     settings = list(dict.fromkeys(task.kernel for task in tasks))
-    return PreparedModel(spec, module, transform, layers, selections, rows, settings)
+    return PreparedModel(spec, module, normalizer, layers, selections, rows, settings)
 
 
 def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tensor:
@@ -186,31 +190,55 @@ def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tens
     return hsic_vectors(kernels, settings.estimator)
 
 
+def _pixel_batches(images: ImageSet, size: int, plan: RunPlan, store: KernelStore, keep: bool):
+    """Yield the uint8 batches at ``size``, resizing once per size and run.
+
+    With ``keep``, freshly resized batches are stored for the next model of that size.
+    """
+    options = plan.options
+    if f"pixels{size}_batch0" in store:
+        for batch_index in range(options.dataloader_size):
+            yield store.get(f"pixels{size}_batch{batch_index}")
+        return
+
+    loader = resized_batches(images, size, options.batch_size, options.num_workers)
+    for batch_index, pixels in enumerate(loader):
+        if keep:
+            store.put(f"pixels{size}_batch{batch_index}", pixels)
+        yield pixels
+
+
+def _kernels_key(model_key: int, settings_key: int, batch_index: int) -> str:
+    return f"kernels_model{model_key}_settings{settings_key}_batch{batch_index}"
+
+
 def compute_kernels(
     prepared: PreparedModel,
     model_key: int,
     images: ImageSet,
     plan: RunPlan,
     store: KernelStore,
+    keep_pixels: bool = False,
     progress: bool = True,
 ) -> None:
     """Run one model over every batch and store the packed kernels of its layers."""
-    options = plan.options
     device = torch.device(plan.device)
-    loader = batches(images, prepared.transform, options.batch_size, options.num_workers)
     module = prepared.module.to(device)
     bar = tqdm(
-        total=options.dataloader_size,
+        total=plan.options.dataloader_size,
         desc=f"{prepared.spec.label} ({len(prepared.layers)} layers)",
         unit="batch",
         disable=not progress,
     )
     try:
         with KernelRecorder(module, prepared.layers) as recorder:
-            for batch_index, inputs in enumerate(loader):
-                grams = recorder.grams(inputs.to(device, non_blocking=True))
+            pixel_batches = _pixel_batches(images, prepared.spec.input_size, plan, store, keep_pixels)
+            for batch_index, pixels in enumerate(pixel_batches):
+                inputs = prepared.normalizer(pixels.to(device, non_blocking=True))
+                grams = recorder.grams(inputs)
                 for settings_key, settings in enumerate(prepared.settings):
-                    store.put(model_key, settings_key, batch_index, _packed_kernels(grams, settings))
+                    vectors = _packed_kernels(grams, settings)
+                    store.put(_kernels_key(model_key, settings_key, batch_index), vectors)
                 bar.update(1)
     finally:
         bar.close()
@@ -224,12 +252,12 @@ def compare_pairs(
     keys = {spec: index for index, spec in enumerate(prepared)}
     accumulators = [MinibatchCKA() for _ in plan.tasks]
     for batch_index in range(plan.options.dataloader_size):
-        loaded: dict[tuple[int, int], torch.Tensor] = {}
+        loaded: dict[str, torch.Tensor] = {}
 
         def vectors(spec: ModelSpec, settings: KernelSettings) -> torch.Tensor:
-            key = (keys[spec], prepared[spec].settings.index(settings))
+            key = _kernels_key(keys[spec], prepared[spec].settings.index(settings), batch_index)
             if key not in loaded:
-                loaded[key] = store.get(*key, batch_index)
+                loaded[key] = store.get(key)
             return loaded[key]
 
         for task, accumulator in zip(plan.tasks, accumulators):
@@ -283,9 +311,12 @@ def run_plan(plan: RunPlan, progress: bool = True) -> RunResult:
     timings["prepare_s"] = time.perf_counter() - start
 
     with KernelStore() as store:
-        for model_key, model in enumerate(prepared.values()):
+        models = list(prepared.values())
+        for model_key, model in enumerate(models):
             model_start = time.perf_counter()
-            compute_kernels(model, model_key, images, plan, store, progress)
+            later_sizes = {other.spec.input_size for other in models[model_key + 1 :]}
+            keep_pixels = model.spec.input_size in later_sizes
+            compute_kernels(model, model_key, images, plan, store, keep_pixels, progress)
             timings[f"forward_{model.spec.label}_s"] = time.perf_counter() - model_start
             model.module = None  # free the weights; only the layer lists are needed now
 

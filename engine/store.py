@@ -1,4 +1,4 @@
-"""On-disk store of per-batch packed kernels, so memory does not grow with the batch count."""
+"""On-disk store of per-batch arrays, so memory does not grow with the batch count."""
 
 import os
 import shutil
@@ -11,11 +11,11 @@ __all__ = ["KernelStore"]
 
 
 class KernelStore:
-    """Per-batch packed kernels of every model, kept in a temporary folder.
+    """Per-batch arrays of a run, such as packed kernels, kept in a temporary folder.
 
-    One ``.npy`` file per (model, kernel settings, batch), holding a ``(layers, T)``
-    float64 array. Files are written under a temporary name and renamed, so a reader
-    never sees half a file. Use it as a context manager; leaving deletes the folder.
+    One ``.npy`` file per key. Files are written under a temporary name and renamed,
+    so a reader never sees half a file. Use it as a context manager; leaving deletes
+    the folder.
 
     Args:
         parent: folder in which to create the temporary folder; the system default
@@ -35,17 +35,20 @@ class KernelStore:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def _path(self, model_key: int, settings_key: int, batch: int) -> str:
-        return os.path.join(self.folder, f"model{model_key}_kernel{settings_key}_batch{batch}.npy")
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, f"{key}.npy")
 
-    def put(self, model_key: int, settings_key: int, batch: int, vectors: torch.Tensor) -> None:
-        """Store one batch's ``(layers, T)`` packed kernels of one model."""
-        path = self._path(model_key, settings_key, batch)
+    def __contains__(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def put(self, key: str, array: torch.Tensor) -> None:
+        """Store a CPU copy of ``array`` under ``key``, a valid file name."""
+        path = self._path(key)
         partial = f"{path}.partial"
         with open(partial, "wb") as handle:
-            np.save(handle, vectors.detach().to("cpu", torch.float64).numpy())
+            np.save(handle, array.detach().cpu().numpy())
         os.replace(partial, path)
 
-    def get(self, model_key: int, settings_key: int, batch: int) -> torch.Tensor:
-        """Load what ``put`` stored for the same keys."""
-        return torch.from_numpy(np.load(self._path(model_key, settings_key, batch)))
+    def get(self, key: str) -> torch.Tensor:
+        """Load what ``put`` stored under ``key``."""
+        return torch.from_numpy(np.load(self._path(key)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DatasetError, batches, make_transform, open_images
+from data import DatasetError, Normalizer, make_transform, open_images, resized_batches
 
 
 def test_sample_photos_are_deterministic():
@@ -95,15 +95,36 @@ def test_rgb_imagenet_preprocessing():
 
     expected = [(128 / 255 - m) / s for m, s in zip(mean, std)]
     assert tensor.shape == (3, 2, 2)
-    assert tensor[:, 0, 0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert tensor[:, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
 
 
-def test_batches_keep_order():
+def test_resized_batches_keep_order():
     images = open_images("sample_photos", 6)
-    transform = make_transform(8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
-    loaded = torch.cat(list(batches(images, transform, 4)))
-    direct = torch.stack([transform(image) for image in images])
+    loaded = list(resized_batches(images, 8, 4))
+    direct = torch.stack([torch.from_numpy(np.array(images.resized(i, 8))).permute(2, 0, 1) for i in range(6)])
 
-    assert [len(batch) for batch in batches(images, transform, 4)] == [4, 2]
-    assert torch.equal(loaded, direct)
+    assert [len(batch) for batch in loaded] == [4, 2]
+    assert loaded[0].dtype == torch.uint8
+    assert torch.equal(torch.cat(loaded), direct)
+
+
+def test_resized_matches_crop_then_resize():
+    images = open_images("sample_photos", 3, seed=5)
+
+    fast = np.asarray(images.resized(2, 32), dtype=float)
+    plain = np.asarray(images[2].resize((32, 32), Image.Resampling.BILINEAR), dtype=float)
+
+    assert fast.shape == plain.shape == (32, 32, 3)
+    assert np.abs(fast - plain).mean() < 2.0
+
+
+def test_normalizer_matches_transform():
+    image = open_images("sample_photos", 1)[0]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.from_numpy(np.asarray(image.resize((16, 16)))).permute(2, 0, 1)
+
+    normalised = Normalizer(mean, std)(pixels.unsqueeze(0))[0]
+
+    expected = (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(normalised, expected, atol=1e-5)

@@ -6,9 +6,9 @@ torch-cka 0.21, pytorch-cka 1.1.3 and ckatorch 1.0.3. Each adapter's docstring n
 estimator it computes and when its hooks read the layer outputs.
 
 This script imports nothing from the repository. pytorch-cka installs a top-level package
-named ``cka``, the same name as the repository's package, so run it with a Python whose
-sys.path does not contain the repository root: call it by its path, not with ``python -m``
-from the root, and without PYTHONPATH pointing at the root. For example:
+named ``cka``, which is also the name of the repository's package. Run the script by its
+path, not with ``python -m`` from the repository root, and without PYTHONPATH pointing at
+the root, so that ``import cka`` finds pytorch-cka. For example:
 
     /work/bench-venv/bin/python bench/peers.py --peer pytorch-cka \\
         --models resnet18 resnet34 --layers layers.json --images images.npy \\
@@ -73,7 +73,7 @@ def reorder_matrix(
 
 
 def run_torch_cka(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.ndarray:
-    """Run torch-cka: minibatch CKA, linear kernel, unbiased HSIC (Song et al. 2012).
+    """Run torch-cka: minibatch CKA, linear kernel, unbiased HSIC.
 
     ``CKA.compare`` averages each layer pair's HSIC values over every batch, in float32, and
     then takes the ratio. Its hooks store the output tensor itself and read it after both
@@ -94,8 +94,9 @@ def run_torch_cka(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.nd
     )
     model_cka.compare(loader, loader)
 
-    # Rows and columns follow the order in which the hooks fired. The feature dicts of the
-    # last batch keep that order.
+    # Rows and columns follow the order in which the hooks first fired, which the feature
+    # dicts of the last batch keep. export() labels them in named_modules() order instead,
+    # which is wrong when forward() calls modules in another order than __init__ defines.
     matrix = model_cka.export()["CKA"].double().numpy()
     rows = list(model_cka.model1_features)
     columns = list(model_cka.model2_features)
@@ -117,7 +118,7 @@ def import_pytorch_cka():
 
 
 def run_pytorch_cka(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.ndarray:
-    """Run pytorch-cka: minibatch CKA, linear kernel, unbiased HSIC (Song et al. 2012).
+    """Run pytorch-cka: minibatch CKA, linear kernel, unbiased HSIC.
 
     ``compute_cka`` sums each layer pair's HSIC values over every batch, in float32, and
     clamps the ratio to [0, 1]. Its hooks keep ``output.detach().flatten(1)``, a view of
@@ -167,7 +168,8 @@ def run_ckatorch(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.nda
 
     Each batch's Gram matrices come from ``ckatorch.linear_kernel``. ``ckatorch.hsic1``
     values are summed over every batch and combined as ``ckatorch.cka_batch`` combines
-    them, ``sum HSIC(K, L) / sqrt(sum HSIC(K, K) * sum HSIC(L, L))``.
+    them, ``sum HSIC(K, L) / sqrt(sum HSIC(K, K) * sum HSIC(L, L))``. Raises ValueError on
+    a batch of 3 images or fewer, where hsic1 would divide by ``n (n - 3) = 0``.
     """
     import ckatorch
 
@@ -181,6 +183,10 @@ def run_ckatorch(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.nda
     hsic_yy = torch.zeros(len(layers_y), dtype=torch.float64)
     with torch.no_grad():
         for (images,) in loader:
+            if len(images) < 4:
+                raise ValueError(
+                    f"unbiased HSIC needs at least 4 images per batch, got a batch of {len(images)}"
+                )
             model_x(images)
             model_y(images)
 
@@ -202,10 +208,10 @@ def run_ckatorch(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.nda
 def run_ckatorch_full(model_x, model_y, layers_x, layers_y, loader, kernel) -> np.ndarray:
     """Run ckatorch's ``cka_base`` on all images at once: linear or RBF kernel, biased HSIC.
 
-    The forward passes run in batches, but the CKA is computed once on the concatenated
-    outputs of every image, in float64 (Kornblith et al. 2019, ``unbiased=False`` is
-    cka_base's default). The RBF bandwidth is ``sigma^2 = median(d_ij^2)``, where the
-    median is taken over all pairs, the zero diagonal included.
+    The forward passes run in batches, but the CKA is computed once, in float64, on the
+    concatenated outputs of every image. The HSIC is biased because ``unbiased=False`` is
+    cka_base's default. The RBF bandwidth is ``sigma^2 = median(d_ij^2)`` over all pairs
+    of images, the zero diagonal included.
     """
     import ckatorch
 
@@ -238,20 +244,28 @@ def run_ckatorch_full(model_x, model_y, layers_x, layers_y, loader, kernel) -> n
 
 PEERS = {
     "torch-cka": Peer(
-        "torch-cka", ("linear",), "minibatch CKA, unbiased HSIC, hooks read after forward",
-        run_torch_cka,
+        distribution="torch-cka",
+        kernels=("linear",),
+        estimator="minibatch CKA, unbiased HSIC, hooks read after forward",
+        run=run_torch_cka,
     ),
     "pytorch-cka": Peer(
-        "pytorch-cka", ("linear",), "minibatch CKA, unbiased HSIC, hooks read after forward",
-        run_pytorch_cka,
+        distribution="pytorch-cka",
+        kernels=("linear",),
+        estimator="minibatch CKA, unbiased HSIC, hooks read after forward",
+        run=run_pytorch_cka,
     ),
     "ckatorch": Peer(
-        "ckatorch", ("linear",), "minibatch CKA, unbiased HSIC (hsic1), outputs copied in hook",
-        run_ckatorch,
+        distribution="ckatorch",
+        kernels=("linear",),
+        estimator="minibatch CKA, unbiased HSIC (hsic1), outputs copied in hook",
+        run=run_ckatorch,
     ),
     "ckatorch-full": Peer(
-        "ckatorch", ("linear", "rbf"), "full-batch CKA (cka_base), biased HSIC, outputs copied in hook",
-        run_ckatorch_full,
+        distribution="ckatorch",
+        kernels=("linear", "rbf"),
+        estimator="full-batch CKA (cka_base), biased HSIC, outputs copied in hook",
+        run=run_ckatorch_full,
     ),
 }
 
@@ -288,8 +302,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_layer_lists(parser: argparse.ArgumentParser, path: Path) -> tuple[list[str], list[str]]:
-    with path.open() as file:
-        lists = json.load(file)
+    try:
+        with path.open() as file:
+            lists = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        parser.error(f"--layers {path}: failed to read JSON: {error}")
     if not (
         isinstance(lists, list)
         and len(lists) == 2
@@ -305,7 +322,10 @@ def load_layer_lists(parser: argparse.ArgumentParser, path: Path) -> tuple[list[
 
 
 def load_images(parser: argparse.ArgumentParser, path: Path) -> np.ndarray:
-    images = np.load(path)
+    try:
+        images = np.load(path)
+    except (OSError, ValueError) as error:
+        parser.error(f"--images {path}: failed to read .npy: {error}")
     if images.dtype != np.float32 or images.ndim != 4 or images.shape[1] != 3:
         parser.error(
             f"--images {path}: expected float32 of shape (N, 3, S, S), "

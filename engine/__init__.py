@@ -4,12 +4,14 @@
 pairwise CKA, ``outputs`` writes heatmaps, matrices and the run record.
 """
 
-from .outputs import RECORD_NAME, write_outputs
+from .api import Comparison, compare_models
+from .outputs import RECORD_NAME, save_cka_matrix, write_outputs
 from .plan import CKA_TYPES, KernelSettings, ModelSpec, PairTask, RunOptions, RunPlan, UsageError, build_plan
 from .run import PairResult, PreparedModel, RunResult, run_plan
 
 __all__ = [
     "CKA_TYPES",
+    "Comparison",
     "RECORD_NAME",
     "KernelSettings",
     "ModelSpec",
@@ -21,6 +23,8 @@ __all__ = [
     "RunResult",
     "UsageError",
     "build_plan",
+    "compare_models",
     "run_plan",
+    "save_cka_matrix",
     "write_outputs",
 ]

@@ -20,7 +20,7 @@ from plotting import plot_cka_heatmap
 
 from .run import PairResult, RunResult
 
-__all__ = ["RECORD_NAME", "library_versions", "pair_title", "write_outputs"]
+__all__ = ["RECORD_NAME", "library_versions", "pair_title", "save_cka_matrix", "write_outputs"]
 
 RECORD_NAME = "run_record.json"
 _DPI = 150  # sharp enough to read 6-point tick labels when zoomed in
@@ -66,47 +66,69 @@ def pair_title(result: PairResult, image_count: int) -> str:
     return f"{task.title}\n{task.cka_type} ({estimator} HSIC), {image_count} images"
 
 
-def _write_csv(path: str, result: PairResult) -> None:
+def _write_csv(path: str, matrix: np.ndarray, rows, columns, label_x: str, label_y: str) -> None:
     with _atomic_path(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.writer(handle)
-        corner = f"{result.task.model_x.label} \\ {result.task.model_y.label}"
-        writer.writerow([corner, *result.columns])
-        for name, values in zip(result.rows, result.matrix.tolist()):
+        writer.writerow([f"{label_x} \\ {label_y}", *columns])
+        for name, values in zip(rows, matrix.tolist()):
             writer.writerow([name, *(repr(value) for value in values)])
 
 
-def _write_npz(path: str, result: PairResult) -> None:
-    task = result.task
-    with _atomic_path(path) as partial:
-        with open(partial, "wb") as handle:
-            np.savez(
-                handle,
-                cka=result.matrix.numpy(),
-                rows=np.array(result.rows),
-                columns=np.array(result.columns),
-                model_x=task.model_x.label,
-                model_y=task.model_y.label,
-                cka_type=task.cka_type,
-                estimator=task.kernel.estimator,
-                depth=task.depth,
-                conv_only=task.conv_only,
-            )
+def save_cka_matrix(
+    base_path: str,
+    matrix,
+    rows: list[str],
+    columns: list[str],
+    label_x: str,
+    label_y: str,
+    title: str,
+    metadata: dict | None = None,
+) -> list[str]:
+    """Write a CKA matrix as a heatmap PNG, a CSV and an NPZ next to each other.
 
+    The CSV has the column layer names as header and the row layer name first on each
+    row. The NPZ holds ``cka``, ``rows``, ``columns``, ``model_x``, ``model_y`` and every
+    entry of ``metadata``. Each file is written under a temporary name and renamed, so
+    no reader sees half a file.
 
-def _write_png(path: str, result: PairResult, image_count: int) -> None:
+    Args:
+        base_path: path without extension.
+        matrix: ``(rows, columns)`` CKA values.
+        rows: layer names of ``label_x``, the vertical axis.
+        columns: layer names of ``label_y``, the horizontal axis.
+        label_x: name of the rows' model.
+        label_y: name of the columns' model.
+        title: heatmap title.
+        metadata: extra scalar entries for the NPZ.
+
+    Returns:
+        The paths written: PNG, CSV, NPZ.
+    """
+    values = np.asarray(matrix, dtype=np.float64)
+    png, csv_path, npz = f"{base_path}.png", f"{base_path}.csv", f"{base_path}.npz"
+
     figure = plot_cka_heatmap(
-        result.matrix.numpy(),
-        result.rows,
-        result.columns,
-        pair_title(result, image_count),
-        row_axis=f"{result.task.model_x.label} layers",
-        column_axis=f"{result.task.model_y.label} layers",
+        values, rows, columns, title, row_axis=f"{label_x} layers", column_axis=f"{label_y} layers"
     )
     try:
-        with _atomic_path(path) as partial:
+        with _atomic_path(png) as partial:
             figure.savefig(partial, dpi=_DPI, format="png")
     finally:
         plt.close(figure)
+
+    _write_csv(csv_path, values, rows, columns, label_x, label_y)
+
+    with _atomic_path(npz) as partial, open(partial, "wb") as handle:
+        np.savez(
+            handle,
+            cka=values,
+            rows=np.array(rows),
+            columns=np.array(columns),
+            model_x=label_x,
+            model_y=label_y,
+            **(metadata or {}),
+        )
+    return [png, csv_path, npz]
 
 
 def _nan_cells(result: PairResult) -> list[list[str]]:
@@ -219,11 +241,22 @@ def write_outputs(result: RunResult, argv: list[str] | None = None) -> dict[str,
 
     files: dict[str, list[str]] = {}
     for pair in result.pairs:
-        base = os.path.join(folder, pair.task.stem)
-        _write_png(f"{base}.png", pair, image_count)
-        _write_csv(f"{base}.csv", pair)
-        _write_npz(f"{base}.npz", pair)
-        files[pair.task.stem] = [f"{base}.png", f"{base}.csv", f"{base}.npz"]
+        task = pair.task
+        files[task.stem] = save_cka_matrix(
+            os.path.join(folder, task.stem),
+            pair.matrix.numpy(),
+            pair.rows,
+            pair.columns,
+            task.model_x.label,
+            task.model_y.label,
+            pair_title(pair, image_count),
+            metadata={
+                "cka_type": task.cka_type,
+                "estimator": task.kernel.estimator,
+                "depth": task.depth,
+                "conv_only": task.conv_only,
+            },
+        )
 
     record_path = os.path.join(folder, RECORD_NAME)
     record = _json_safe(_record(result, files, list(argv or [])))

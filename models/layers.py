@@ -21,6 +21,7 @@ __all__ = [
     "LayerSelection",
     "first_float_tensor",
     "kernel_sizes_present",
+    "layers_of_modules",
     "max_depth",
     "module_depth",
     "select_layers",
@@ -205,6 +206,55 @@ def _batch_dimension_mismatch(shape: tuple[int, ...], batch_size: int) -> bool:
     return len(shape) == 0 or shape[0] != batch_size
 
 
+def layers_of_modules(
+    model: nn.Module, calls: Sequence[CallRecord], module_names: Iterable[str], batch_size: int
+) -> tuple[list[LayerInfo], dict[str, str]]:
+    """Turn the calls of the named modules into layers, in execution order.
+
+    Args:
+        model: the traced model.
+        calls: the trace of one forward pass, from ``trace_calls``.
+        module_names: qualified names of the modules to keep.
+        batch_size: number of examples in the traced batch.
+
+    Returns:
+        The layers, one per call, and ``{name: reason}`` for each named module or call
+        that cannot be compared: it never ran, its output has no floating-point tensor,
+        or that tensor does not start with the batch dimension.
+    """
+    wanted = list(dict.fromkeys(module_names))
+    wanted_set = set(wanted)
+    call_totals: dict[str, int] = {}
+    for record in calls:
+        if record.module_name in wanted_set:
+            call_totals[record.module_name] = record.call
+
+    layers: list[LayerInfo] = []
+    dropped: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for record in calls:
+        if record.module_name not in wanted_set:
+            continue
+        name = record.module_name
+        if call_totals[name] > 1:
+            name = f"{name}#{record.call}"
+        if record.output_shape is None:
+            dropped[name] = "output contains no floating-point tensor"
+        elif _batch_dimension_mismatch(record.output_shape, batch_size):
+            dropped[name] = (
+                f"output shape {list(record.output_shape)} does not start with the batch "
+                f"dimension {batch_size}"
+            )
+        else:
+            module_type = type(modules[record.module_name]).__name__
+            layers.append(LayerInfo(name, record.module_name, record.call, module_type))
+
+    for name in wanted:
+        if name not in call_totals:
+            dropped[name] = "never ran during the forward pass"
+    return layers, dropped
+
+
 def select_layers(
     model: nn.Module,
     calls: Sequence[CallRecord],
@@ -248,35 +298,7 @@ def select_layers(
             depth = deepest
 
     candidates = _candidate_modules(model, depth, conv_only, kernel_range, include_parameter_free)
-    wanted = set(candidates)
-    call_totals: dict[str, int] = {}
-    for record in calls:
-        if record.module_name in wanted:
-            call_totals[record.module_name] = record.call
-
-    layers: list[LayerInfo] = []
-    dropped: dict[str, str] = {}
-    modules = dict(model.named_modules())
-    for record in calls:
-        if record.module_name not in wanted:
-            continue
-        name = record.module_name
-        if call_totals[name] > 1:
-            name = f"{name}#{record.call}"
-        if record.output_shape is None:
-            dropped[name] = "output contains no floating-point tensor"
-        elif _batch_dimension_mismatch(record.output_shape, batch_size):
-            dropped[name] = (
-                f"output shape {list(record.output_shape)} does not start with the batch "
-                f"dimension {batch_size}"
-            )
-        else:
-            module_type = type(modules[record.module_name]).__name__
-            layers.append(LayerInfo(name, record.module_name, record.call, module_type))
-
-    for name in candidates:
-        if name not in call_totals:
-            dropped[name] = "never ran during the forward pass"
+    layers, dropped = layers_of_modules(model, calls, candidates, batch_size)
 
     if remove_output_layer and not conv_only and layers:
         output_layer = layers.pop()

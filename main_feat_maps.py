@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of batches; the run uses batch_size x dataloader_size images")
 
     add("--torchvision", type=int, default=0,
-        help="1: build models with torchvision; 0: with the pretrainedmodels package")
+        help="1: build models with torchvision; 0: with the pretrainedmodels package "
+             "(same as --library torchvision or pretrainedmodels)")
+    add("--library", type=str, default=None, choices=["pretrainedmodels", "torchvision", "timm"],
+        help="model library; overrides --torchvision (default: the one --torchvision selects)")
+    add("--weights", type=str, nargs="+", default=None,
+        help="checkpoint files (.pt, .pth, .bin or .safetensors) for the --models_names models: "
+             "one per model or one for all; 'none' keeps the library's weights")
+    add("--compare_weights", type=str, nargs="+", default=None,
+        help="checkpoint files for the --compare_models_names models, as --weights")
     add("--pretrained", type=int, nargs="+", default=[1],
         help="per pair: 1 loads ImageNet weights, 0 initialises randomly (seeded by --seed)")
     add("--compare_pretrained", type=int, nargs="+", default=None,

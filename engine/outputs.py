@@ -29,6 +29,8 @@ _PACKAGES = (
     "torch",
     "torchvision",
     "pretrainedmodels",
+    "timm",
+    "safetensors",
     "numpy",
     "scikit-image",
     "matplotlib",
@@ -155,6 +157,7 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str]) -> 
                 "pretrained": spec.pretrained,
                 "input_size": spec.input_size,
                 "seed": spec.seed,
+                "weights": spec.weights,
                 "hooked_layers": len(prepared.layers),
                 "scopes": [
                     {

@@ -47,6 +47,9 @@ class RunOptions:
     batch_size: int = 5
     dataloader_size: int = 2
     torchvision: int = 0
+    library: str | None = None
+    weights: list[str] | None = None
+    compare_weights: list[str] | None = None
     pretrained: list[int] = dataclasses.field(default_factory=lambda: [1])
     compare_pretrained: list[int] | None = None
     device: int = 0
@@ -72,11 +75,13 @@ class ModelSpec:
     """Everything that determines one model instance of a run.
 
     Attributes:
-        library: ``"torchvision"`` or ``"pretrainedmodels"``.
+        library: ``"torchvision"``, ``"pretrainedmodels"`` or ``"timm"``.
         name: architecture name in that library.
-        pretrained: ImageNet weights, or random initialisation seeded by ``seed``.
+        pretrained: ImageNet weights, or random initialisation seeded by ``seed``;
+            ignored when ``weights`` is set.
         input_size: side of the square input in pixels.
         seed: seed of the random initialisation.
+        weights: checkpoint file loaded instead of the library's weights, or None.
         label: short name that distinguishes this instance from the others of the run.
     """
 
@@ -85,6 +90,7 @@ class ModelSpec:
     pretrained: bool
     input_size: int
     seed: int
+    weights: str | None = None
     label: str = dataclasses.field(default="", compare=False)
 
 
@@ -259,35 +265,91 @@ def _check_output_folder(path: str) -> None:
         )
 
 
-def _pairs(options: RunOptions) -> list[tuple[int, int, str, str]]:
-    """Return (x index, y index, x name, y name) for every pair, before depths."""
+def _library(options: RunOptions) -> str:
+    """Return the model library: ``--library`` when given, else the ``--torchvision`` flag's."""
+    if options.library is None:
+        return "torchvision" if options.torchvision else "pretrainedmodels"
+    if options.library not in LIBRARIES:
+        raise UsageError(f"--library must be one of {', '.join(LIBRARIES)}, got {options.library!r}")
+    if options.torchvision and options.library != "torchvision":
+        raise UsageError(
+            f"--torchvision 1 conflicts with --library {options.library}; drop --torchvision"
+        )
+    return options.library
+
+
+def _weights_per_model(flag: str, paths: Sequence[str] | None, count: int) -> list[str | None]:
+    """Expand ``--weights``-like paths to one per model; ``none`` keeps the library's weights."""
+    if paths is None:
+        return [None] * count
+    if len(paths) == 1:
+        paths = list(paths) * count
+    elif len(paths) != count:
+        raise UsageError(
+            f"--{flag} got {len(paths)} paths for {count} models; give 1 path for every "
+            f"model or {count} paths, one per model (none keeps the library's weights)"
+        )
+    expanded = []
+    for path in paths:
+        if path.lower() == "none":
+            expanded.append(None)
+        elif not os.path.isfile(path):
+            raise UsageError(f"--{flag}: checkpoint file {path} not found")
+        else:
+            expanded.append(os.path.abspath(path))
+    return expanded
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    name: str
+    weights: str | None
+
+
+def _pairs(options: RunOptions) -> list[tuple[_Side, _Side]]:
+    """Return the (rows model, columns model) of every pair, before depths."""
     names = list(options.models_names)
+    weights = _weights_per_model("weights", options.weights, len(names))
+    sides = [_Side(name, path) for name, path in zip(names, weights)]
     if options.compare_all:
         if options.compare_models_names:
             logger.warning("--compare_models_names is ignored with --compare_all 1")
-        return [(i, j, names[i], names[j]) for i, j in itertools.combinations_with_replacement(range(len(names)), 2)]
+        if options.compare_weights:
+            logger.warning("--compare_weights is ignored with --compare_all 1; use --weights")
+        combinations = itertools.combinations_with_replacement(range(len(names)), 2)
+        return [(sides[i], sides[j]) for i, j in combinations]
 
     compare = options.compare_models_names
-    if compare is None:
-        compare = names
-    elif len(compare) != len(names):
+    if compare is not None and len(compare) != len(names):
         raise UsageError(
             f"--compare_models_names got {len(compare)} names for {len(names)} "
             "--models_names; give one per model, or omit it to compare each model with itself"
         )
-    return [(i, i, names[i], compare[i]) for i in range(len(names))]
+    if compare is None and options.compare_weights is None:
+        return [(side, side) for side in sides]
+    compare = compare or names
+    compare_weights = _weights_per_model("compare_weights", options.compare_weights, len(compare))
+    return [(side, _Side(name, path)) for side, name, path in zip(sides, compare, compare_weights)]
 
 
 def _label_models(specs: list[ModelSpec]) -> dict[ModelSpec, ModelSpec]:
     """Give each distinct spec a label that distinguishes it from specs of the same name."""
+    def base(spec: ModelSpec) -> str:
+        if spec.weights is None:
+            return spec.name
+        stem = os.path.splitext(os.path.basename(spec.weights))[0]
+        return stem if spec.name in stem else f"{spec.name}-{stem}"
+
     labelled = {}
     for spec in specs:
-        same_name = [other for other in specs if other.name == spec.name]
-        parts = [spec.name]
-        if len({other.pretrained for other in same_name}) > 1:
+        same_base = [other for other in specs if base(other) == base(spec)]
+        parts = [base(spec)]
+        if len({other.pretrained for other in same_base}) > 1 and spec.weights is None:
             parts.append("pretrained" if spec.pretrained else "random")
-        if len({other.input_size for other in same_name}) > 1:
+        if len({other.input_size for other in same_base}) > 1:
             parts.append(f"{spec.input_size}px")
+        if len({other.library for other in same_base}) > 1:
+            parts.append(spec.library)
         labelled[spec] = dataclasses.replace(spec, label="-".join(parts))
     return labelled
 
@@ -326,12 +388,12 @@ def build_plan(options: RunOptions) -> RunPlan:
     _check_options(options)
     kernel_range = _kernel_range(options)
     _check_output_folder(options.output_path)
-    library = LIBRARIES[0] if options.torchvision else LIBRARIES[1]
+    library = _library(options)
 
     pairs = _pairs(options)
-    for _, _, name_x, name_y in pairs:
-        check_model_name(library, name_x)
-        check_model_name(library, name_y)
+    for side_x, side_y in pairs:
+        check_model_name(library, side_x.name)
+        check_model_name(library, side_y.name)
 
     count = len(pairs)
     pretrained = _expand("pretrained", options.pretrained, count)
@@ -354,16 +416,17 @@ def build_plan(options: RunOptions) -> RunPlan:
     if library == "pretrainedmodels" and any(size != 224 for size in options.input_shape):
         logger.warning("--input_shape is ignored for pretrainedmodels models, which use their own input size")
 
-    def spec(name: str, is_pretrained: int, size: int) -> ModelSpec:
+    def spec(side: _Side, is_pretrained: int, size: int) -> ModelSpec:
         if library == "pretrainedmodels":
-            size = input_spec(library, name, size).size
-        return ModelSpec(library, name, bool(is_pretrained), size, options.seed)
+            size = input_spec(library, side.name, size).size
+        pretrained_flag = bool(is_pretrained) and side.weights is None
+        return ModelSpec(library, side.name, pretrained_flag, size, options.seed, side.weights)
 
     tasks = []
-    for index, (_, _, name_x, name_y) in enumerate(pairs):
+    for index, (side_x, side_y) in enumerate(pairs):
         settings = KernelSettings(CKA_TYPES[cka_types[index]], options.rbf_sigma, options.hsic)
-        model_x = spec(name_x, pretrained[index], sizes[index])
-        model_y = spec(name_y, compare_pretrained[index], sizes[index])
+        model_x = spec(side_x, pretrained[index], sizes[index])
+        model_y = spec(side_y, compare_pretrained[index], sizes[index])
         for depth in depths_per_pair[index]:
             tasks.append(
                 PairTask(model_x, model_y, depth, bool(options.conv_only), cka_types[index], settings)

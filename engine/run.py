@@ -138,7 +138,7 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
         UsageError: when a requested scope selects no layer.
     """
     options = plan.options
-    module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed)
+    module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
     preprocessing = input_spec(spec.library, spec.name, spec.input_size)
     normalizer = Normalizer(
         preprocessing.mean, preprocessing.std, preprocessing.value_range, preprocessing.color_space

@@ -1,5 +1,7 @@
 """Models to compare: building them, choosing their layers, and hooking those layers."""
 
+from .checkpoints import CheckpointError, load_state_dict, load_weights
+from .errors import ModelLoadError
 from .hooks import KernelRecorder
 from .layers import (
     CallRecord,
@@ -17,7 +19,6 @@ from .layers import (
 from .zoo import (
     LIBRARIES,
     InputSpec,
-    ModelLoadError,
     available_models,
     build_model,
     check_model_name,
@@ -28,6 +29,7 @@ from .zoo import (
 __all__ = [
     "LIBRARIES",
     "CallRecord",
+    "CheckpointError",
     "InputSpec",
     "KernelRecorder",
     "LayerInfo",
@@ -40,6 +42,8 @@ __all__ = [
     "input_spec",
     "kernel_sizes_present",
     "layers_of_modules",
+    "load_state_dict",
+    "load_weights",
     "max_depth",
     "module_depth",
     "select_layers",

@@ -1,8 +1,9 @@
-"""Building image classifiers from torchvision or pretrainedmodels, with their input settings.
+"""Building image classifiers from torchvision, pretrainedmodels or timm, with their inputs.
 
-Pretrained weights come from each library's download address into torch's hub cache
-(``torch.hub.get_dir()/checkpoints``). A file already there is used without network
-access. Every checkpoint is read with ``weights_only=True``: both libraries call
+Pretrained weights of torchvision and pretrainedmodels come from each library's
+download address into torch's hub cache (``torch.hub.get_dir()/checkpoints``); timm's
+come from the Hugging Face hub into its cache. A file already cached is used without
+network access. Every checkpoint is read with ``weights_only=True``: the libraries call
 ``torch.load`` themselves, so the loading is forced through the
 ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch of ``torch.serialization``.
 """
@@ -19,6 +20,9 @@ import warnings
 import torch
 from torch import nn
 
+from .checkpoints import load_weights
+from .errors import ModelLoadError
+
 __all__ = [
     "LIBRARIES",
     "IMAGENET_MEAN",
@@ -34,13 +38,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LIBRARIES = ("torchvision", "pretrainedmodels")
+LIBRARIES = ("torchvision", "pretrainedmodels", "timm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ModelLoadError(ValueError):
-    """A model cannot be built as requested: unknown name, missing weights, bad size."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,10 @@ def available_models(library: str) -> tuple[str, ...]:
         return tuple(torchvision.models.list_models(module=torchvision.models))
     if library == "pretrainedmodels":
         return tuple(_pretrainedmodels().model_names)
+    if library == "timm":
+        import timm
+
+        return tuple(timm.list_models())
     raise ValueError(f"expected a library in {LIBRARIES}, got {library!r}")
 
 
@@ -93,6 +97,12 @@ def check_model_name(library: str, name: str) -> None:
     names = available_models(library)
     if name in names:
         return
+    if library == "timm":
+        import timm
+
+        # timm also accepts "architecture.pretrained_tag" names such as resnet18.a1_in1k.
+        if timm.is_model(name):
+            return
 
     hints = []
     close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
@@ -100,7 +110,7 @@ def check_model_name(library: str, name: str) -> None:
         hints.append(f"did you mean {', '.join(close)}?")
     for other in LIBRARIES:
         if other != library and name in available_models(other):
-            flag = "--torchvision 1" if other == "torchvision" else "--torchvision 0"
+            flag = "--torchvision 1" if other == "torchvision" else f"--library {other}"
             hints.append(f"{other} has it: add {flag}")
     if not hints:
         hints.append(f"the {len(names)} names are listed by --list_models")
@@ -132,6 +142,14 @@ def input_spec(library: str, name: str, size: int) -> InputSpec:
             color_space=settings["input_space"],
         )
 
+    if library == "timm":
+        import timm
+
+        config = timm.models.get_pretrained_cfg(name)
+        if config is None:
+            return InputSpec(size=size)
+        return InputSpec(size=size, mean=tuple(config.mean), std=tuple(config.std))
+
     import torchvision
 
     transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
@@ -140,6 +158,13 @@ def input_spec(library: str, name: str, size: int) -> InputSpec:
 
 def weights_file(library: str, name: str) -> tuple[str, str]:
     """Return the download address of the pretrained weights and their cache path."""
+    if library == "timm":
+        import timm
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        config = timm.models.get_pretrained_cfg(name)
+        source = getattr(config, "hf_hub_id", None) or getattr(config, "url", None) or name
+        return f"https://huggingface.co/{source}", HF_HUB_CACHE
     if library == "pretrainedmodels":
         url = _pretrainedmodels_settings(name)["url"]
     else:
@@ -175,59 +200,104 @@ def _random_size_arguments(name: str, size: int) -> dict:
     return {}
 
 
-def _construct(library: str, name: str, pretrained: bool, size: int) -> nn.Module:
+def _construct(library: str, name: str, pretrained: bool, size: int, classes: int | None = None) -> nn.Module:
+    """Build a model; ``classes`` overrides the class count of a random initialisation."""
     if library == "pretrainedmodels":
         module = _pretrainedmodels()
         if not pretrained:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return module.__dict__[name](num_classes=1000, pretrained=None)
+                return module.__dict__[name](num_classes=classes or 1000, pretrained=None)
         settings = _pretrainedmodels_settings(name)
         return module.__dict__[name](num_classes=settings["num_classes"], pretrained=settings["key"])
+
+    if library == "timm":
+        import timm
+
+        arguments = {} if classes is None else {"num_classes": classes}
+        config = timm.models.get_pretrained_cfg(name)
+        if config is not None and tuple(config.input_size[-2:]) != (size, size):
+            # Transformers fix their input size at construction; other models ignore it.
+            try:
+                return timm.create_model(name, pretrained=pretrained, img_size=size, **arguments)
+            except TypeError:
+                pass
+        return timm.create_model(name, pretrained=pretrained, **arguments)
 
     import torchvision
 
     if pretrained:
         return torchvision.models.get_model(name, weights="DEFAULT")
+    arguments = _random_size_arguments(name, size)
+    if classes is not None:
+        arguments["num_classes"] = classes
     with warnings.catch_warnings():
         # inception_v3 and googlenet warn that their default initialisation will change.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return torchvision.models.get_model(name, weights=None, **_random_size_arguments(name, size))
+        return torchvision.models.get_model(name, weights=None, **arguments)
+
+
+def _download_hint(library: str, name: str) -> str:
+    url, path = weights_file(library, name)
+    if library == "timm":
+        return (
+            f"timm downloads it from {url} into the Hugging Face cache {path}; copy the cache "
+            "there and set HF_HUB_OFFLINE=1, or run with --pretrained 0"
+        )
+    return (
+        f"Put the file {os.path.basename(url)} from {url} in {os.path.dirname(path)} "
+        "(the folder follows $TORCH_HOME), or run with --pretrained 0"
+    )
 
 
 def build_model(
-    library: str, name: str, pretrained: bool, size: int = 224, seed: int = 0
+    library: str,
+    name: str,
+    pretrained: bool,
+    size: int = 224,
+    seed: int = 0,
+    weights: str | None = None,
 ) -> nn.Module:
     """Build a model in eval mode on the CPU.
 
     Args:
-        library: ``"torchvision"`` or ``"pretrainedmodels"``.
+        library: ``"torchvision"``, ``"pretrainedmodels"`` or ``"timm"``.
         name: model name in that library.
         pretrained: load the library's ImageNet weights; otherwise initialise randomly
             after ``torch.manual_seed(seed)``, so equal seeds give equal weights.
-        size: input side, used to build torchvision transformers at random
-            initialisation.
+        size: input side, used to build transformers for that size.
         seed: seed for random initialisation.
+        weights: a checkpoint file to load instead of the library's weights. When only
+            its output layer's size differs, the model is rebuilt with its class count.
 
     Raises:
-        ModelLoadError: for an unknown name or weights that cannot be downloaded.
+        ModelLoadError: for an unknown name, weights that cannot be downloaded, or a
+            checkpoint that does not fit.
     """
     check_model_name(library, name)
     torch.manual_seed(seed)
+    if weights is not None:
+
+        def rebuild(classes: int) -> nn.Module:
+            torch.manual_seed(seed)
+            return _construct(library, name, False, size, classes)
+
+        return load_weights(_construct(library, name, False, size), weights, rebuild).eval()
     if not pretrained:
         return _construct(library, name, False, size).eval()
 
-    url, path = weights_file(library, name)
-    if not os.path.exists(path):
-        logger.info("downloading the weights of %s from %s to %s", name, url, path)
+    if library != "timm":
+        url, path = weights_file(library, name)
+        if not os.path.exists(path):
+            logger.info("downloading the weights of %s from %s to %s", name, url, path)
     try:
         with _weights_only_loading():
             model = _construct(library, name, True, size)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
         raise ModelLoadError(
-            f"could not download the pretrained weights of {name} from {url} ({error}). "
-            f"Put the file {os.path.basename(url)} in {os.path.dirname(path)} "
-            "(the folder follows $TORCH_HOME), or run with --pretrained 0"
+            f"could not download the pretrained weights of {name} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            + _download_hint(library, name)
         ) from error
     return model.eval()

@@ -122,7 +122,7 @@ def test_resized_matches_crop_then_resize():
 def test_normalizer_matches_transform():
     image = open_images("sample_photos", 1)[0]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    pixels = torch.from_numpy(np.asarray(image.resize((16, 16)))).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(image.resize((16, 16)))).permute(2, 0, 1)
 
     normalised = Normalizer(mean, std)(pixels.unsqueeze(0))[0]
 

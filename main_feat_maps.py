@@ -13,6 +13,8 @@ import sys
 
 from data import DatasetError, default_data_root
 from engine import RunOptions, UsageError, build_plan, run_plan, write_outputs
+from engine.cache import default_cache_dir
+from engine.distributed import init_distributed, shutdown
 from models import ModelLoadError
 
 logger = logging.getLogger("main_feat_maps")
@@ -109,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--download", type=int, default=1,
         help="1: download a missing torchvision dataset; 0: never use the network for it")
     add("--num_workers", type=int, default=0, help="processes that load and preprocess images")
+    add("--cache", type=int, default=1,
+        help="1: keep each model's per-batch kernels on disk and reuse them in later runs "
+             "with the same model, weights, images and settings; 0: compute everything")
+    add("--cache_dir", type=str, default=None,
+        help=f"folder of the kernel cache (default: {default_cache_dir()}); delete it to clear")
 
     add("--no_progress", action="store_true", help="hide the progress bars")
     add("--log_level", type=str, default="INFO",
@@ -126,11 +133,17 @@ def _options(arguments: argparse.Namespace) -> RunOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line and return its exit status."""
+    """Run the command line and return its exit status.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone logs progress and writes files.
+    """
     argv = sys.argv[1:] if argv is None else argv
     arguments = build_parser().parse_args(argv)
+    import torch
+
+    context = init_distributed(use_cuda=arguments.device >= 0 and torch.cuda.is_available())
     logging.basicConfig(
-        level=arguments.log_level,
+        level=arguments.log_level if context.is_main else logging.ERROR,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -142,15 +155,21 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(
                 "%d heatmap(s) for %d model(s) on %s", len(plan.tasks), len(plan.models), plan.device
             )
-            result = run_plan(plan, progress=not arguments.no_progress)
-            files = write_outputs(result, [sys.argv[0], *argv])
+            cache_dir = (arguments.cache_dir or default_cache_dir()) if arguments.cache else None
+            result = run_plan(plan, progress=not arguments.no_progress, context=context, cache_dir=cache_dir)
+            files = write_outputs(result, [sys.argv[0], *argv], cache_dir) if context.is_main else None
     except (UsageError, ModelLoadError, DatasetError) as error:
-        logger.error("%s", error)
+        if context.is_main:
+            logger.error("%s", error)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        logger.error("interrupted; no files were written")
+        logger.error("interrupted; no files were written, finished batches stay in the kernel cache")
         return EXIT_INTERRUPTED
+    finally:
+        shutdown(context)
 
+    if not context.is_main:
+        return 0
     for pair in result.pairs:
         nan_note = f", {pair.nan_cells} undefined (NaN) cells" if pair.nan_cells else ""
         logger.info("%s: %dx%d%s -> %s.png", pair.task.title, *pair.matrix.shape, nan_note, pair.task.stem)

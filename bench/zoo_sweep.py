@@ -2,9 +2,9 @@
 """Compare every model of the zoo with itself by CKA and tabulate which ones work.
 
 Each torchvision classification model and each pretrainedmodels model is built with
-random weights (seed 0) and compared with itself by linear CKA (unbiased HSIC) at layer
-depths -1 (leaves) and 1, on 2 batches of 4 ``sample_photos`` images, on the CPU. Both
-depths come from one forward pass per model. A self-comparison must have 1 on the
+random weights (seed 0). The engine compares it with itself by linear CKA (unbiased
+HSIC) at layer depths -1 (leaves) and 1, on 2 batches of 4 ``sample_photos`` images, on
+the CPU. Both depths come from one forward pass per model. A self-comparison must have 1 on the
 diagonal: a (model, depth) result is ok when every diagonal cell is within 1e-5 of 1.
 A NaN diagonal cell is accepted only for a layer whose output is identical for every
 image. The model is then rebuilt with the same seed to check this, and the result names
@@ -28,11 +28,10 @@ the results file to start over.
 
 Models run one at a time in a worker process. A model that kills that process (for
 example through the out-of-memory killer) or runs past ``--timeout`` is recorded as a
-failure, and a new worker takes the next model.
+failure, and a new worker process takes the next model.
 """
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -60,14 +59,13 @@ BATCH_COUNT = 2
 SEED = 0
 TOLERANCE = 1e-5
 DEFAULT_SIZES = (32, 64, 75, 96, 128, 224)
-# NOTE: a guess. The largest models (vit_h_14, regnet_y_128gf) are expected to need a few
-# minutes on 2 CPU cores; raise it on a slower or busier machine.
+# NOTE: a guess, not measured. The largest models (vit_h_14, regnet_y_128gf) should need
+# a few minutes on 2 CPU cores. Raise it on a slower or busier machine.
 DEFAULT_TIMEOUT_S = 1800.0
 WORKER_START_TIMEOUT_S = 300.0
 MESSAGE_LIMIT = 300
 LISTED_CELLS = 5
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -112,7 +110,9 @@ def run_self_comparison(library: str, name: str, size: int, depths: Sequence[int
             dataset="sample_photos",
             batch_size=BATCH_SIZE,
             dataloader_size=BATCH_COUNT,
-            input_shape=[size],
+            # pretrainedmodels models take the size of their settings, and build_plan warns
+            # about any other --input_shape than its default 224.
+            input_shape=[size if library == "torchvision" else 224],
             layers_depth=list(depths),
             compare_all=1,
             CKA_type=["linear_CKA"],
@@ -136,7 +136,7 @@ def inspect_layers(library: str, name: str, size: int, result, layers) -> dict[s
 
     module = models.build_model(library, name, False, size, SEED)
     normalizer = result.models[0].normalizer
-    wanted = {(layer.module_name, layer.call): layer.name for layer in layers}
+    names_by_call = {(layer.module_name, layer.call): layer.name for layer in layers}
     spread = {layer.name: 0.0 for layer in layers}
     non_finite = {layer.name: 0 for layer in layers}
     seen = {layer.name: 0 for layer in layers}
@@ -145,7 +145,7 @@ def inspect_layers(library: str, name: str, size: int, result, layers) -> dict[s
     def make_hook(module_name: str):
         def hook(module, args, output):
             calls[module_name] = calls.get(module_name, 0) + 1
-            layer_name = wanted.get((module_name, calls[module_name]))
+            layer_name = names_by_call.get((module_name, calls[module_name]))
             tensor = models.first_float_tensor(output)
             if layer_name is None or tensor is None:
                 return
@@ -176,13 +176,13 @@ def inspect_layers(library: str, name: str, size: int, result, layers) -> dict[s
     descriptions = {}
     for layer in layers:
         if seen[layer.name] == 0:
-            descriptions[layer.name] = "did not run when the model was rebuilt"
+            descriptions[layer.name] = "layer did not run when the model was rebuilt"
         elif non_finite[layer.name]:
-            descriptions[layer.name] = f"{non_finite[layer.name]} non-finite (NaN or inf) values"
+            descriptions[layer.name] = f"output has {non_finite[layer.name]} non-finite (NaN or inf) values"
         elif spread[layer.name] == 0.0:
             descriptions[layer.name] = "constant"
         else:
-            descriptions[layer.name] = f"not constant: images differ by up to {spread[layer.name]:.3g}"
+            descriptions[layer.name] = f"output not constant: images differ by up to {spread[layer.name]:.3g}"
     return descriptions
 
 
@@ -207,7 +207,7 @@ def check_pair(pair, layer_states: dict[str, str]) -> dict:
             if state == "constant":
                 constant_layers.append(layer_name)
             else:
-                bad_cells.append({"layer": layer_name, "value": None, "problem": f"layer {state}"})
+                bad_cells.append({"layer": layer_name, "value": None, "problem": state})
         elif abs(value - 1.0) > TOLERANCE:
             bad_cells.append({"layer": layer_name, "value": value, "problem": f"off by {abs(value - 1.0):.2e}"})
 
@@ -224,7 +224,8 @@ def check_pair(pair, layer_states: dict[str, str]) -> dict:
 
     text = "ok"
     if constant_layers:
-        text = f"ok; NaN on {len(constant_layers)} constant layers: {', '.join(constant_layers)}"
+        noun = "layer" if len(constant_layers) == 1 else "layers"
+        text = f"ok; NaN on {len(constant_layers)} constant {noun}: {', '.join(constant_layers)}"
     return {"status": "ok", "result": text, "constant_layers": constant_layers, "bad_cells": []}
 
 
@@ -250,7 +251,7 @@ def judge_result(library: str, name: str, size: int, result) -> list[dict]:
         try:
             layer_states = inspect_layers(library, name, size, result, list(nan_layers.values()))
         except Exception as error:  # noqa: BLE001 - reported in the result, as any model error
-            layer_states = {layer.name: f"not inspected ({one_line(error)})" for layer in nan_layers.values()}
+            layer_states = {layer.name: f"not inspected: {one_line(error)}" for layer in nan_layers.values()}
 
     entries = []
     for pair in result.pairs:
@@ -290,7 +291,7 @@ def sweep_model(library: str, name: str, sizes: Sequence[int]) -> dict:
         entries = judge_result(library, name, size, result)
         run_seconds = result.timings["total_s"]
     elif isinstance(error, engine.UsageError):
-        # One depth may select no layer; run each depth alone so the other still gets a result.
+        # One depth may select no layer, so each depth runs alone and the other still gets a result.
         entries, run_seconds = [], 0.0
         for depth in DEPTHS:
             try:
@@ -317,6 +318,20 @@ def sweep_model(library: str, name: str, sizes: Sequence[int]) -> dict:
     }
 
 
+def warm_up() -> None:
+    """Pay the one-time costs of a process before the first timed model.
+
+    The first run in a process imports scikit-image and the model libraries and reads the
+    photographs: resnet18 took 2.1 s as the first model of a worker and 0.4 s later, on
+    the 2-core machine this script was written on. A discarded run evens that out.
+    """
+    import models
+
+    models.available_models("pretrainedmodels")
+    run_self_comparison("torchvision", "resnet18", 32, DEPTHS)
+    gc.collect()
+
+
 def worker_main(connection) -> None:
     """Serve ``(library, name, sizes)`` requests until a None request or a closed pipe."""
     import logging
@@ -324,8 +339,7 @@ def worker_main(connection) -> None:
     # The parent handles Ctrl-C and stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="    %(levelname)s %(name)s: %(message)s")
-    import engine  # noqa: F401 - import before reporting ready, so model timeouts exclude it
-
+    warm_up()
     connection.send(("ready", None))
     while True:
         try:
@@ -335,7 +349,19 @@ def worker_main(connection) -> None:
         if request is None:
             return
         library, name, sizes = request
-        connection.send(("result", sweep_model(library, name, sizes)))
+        start = time.perf_counter()
+        try:
+            outcome = sweep_model(library, name, sizes)
+        except Exception as error:  # noqa: BLE001 - a bug of this script, reported as the model's result
+            traceback.print_exc()
+            message = f"the sweep script failed: {one_line(error)}"
+            outcome = {
+                "sizes_rejected": [],
+                "seconds": round(time.perf_counter() - start, 2),
+                "run_seconds": None,
+                "depths": [depth_failure(depth, message, None) for depth in DEPTHS],
+            }
+        connection.send(("result", outcome))
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,16 +389,18 @@ class Worker:
         self.connection = parent_end
         self._receive(WORKER_START_TIMEOUT_S, "start")
 
-    def _receive(self, timeout: float, what: str):
+    def _receive(self, timeout: float, expected: str):
         if not self.connection.poll(timeout):
-            self.stop()
-            raise WorkerFailure(f"TimeoutError: no {what} after {timeout:.0f} s; the worker was stopped")
+            self.stop(graceful=False)
+            raise WorkerFailure(
+                f"timed out: no {expected} from the worker process after {timeout:g} s, so it was stopped"
+            )
         try:
             return self.connection.recv()[1]
         except EOFError:
             self.process.join(timeout=10)
             code = self.process.exitcode
-            self.stop()
+            self.stop(graceful=False)
             raise WorkerFailure(describe_exit(code)) from None
 
     def sweep(self, library: str, name: str, sizes: Sequence[int], timeout: float) -> dict:
@@ -381,10 +409,11 @@ class Worker:
         self.connection.send((library, name, list(sizes)))
         return self._receive(timeout, "result")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """End the worker: ask an idle one to exit, or terminate one that is busy."""
         if self.process is None:
             return
-        if self.process.is_alive():
+        if graceful and self.process.is_alive():
             try:
                 self.connection.send(None)
             except (BrokenPipeError, OSError):
@@ -404,9 +433,9 @@ class Worker:
 def describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
         signal_name = signal.Signals(-code).name
-        hint = " (the out-of-memory killer sends SIGKILL)" if -code == signal.SIGKILL else ""
-        return f"WorkerDied: the worker process was killed by {signal_name}{hint}"
-    return f"WorkerDied: the worker process exited with status {code} without a result"
+        hint = ", which the out-of-memory killer sends" if -code == signal.SIGKILL else ""
+        return f"the worker process was killed by {signal_name}{hint}"
+    return f"the worker process exited with status {code} without a result"
 
 
 def cpu_model() -> str:
@@ -484,7 +513,11 @@ def latest_records(records: Sequence[dict]) -> list[dict]:
     latest = {}
     for record in records:
         latest[(record["library"], record["model"], record["depth"])] = record
-    return [latest[key] for key in sorted(latest, key=lambda key: (LIBRARY_CHOICES.index(key[0]), key[1], key[2] != -1))]
+    def order(key: tuple[str, str, int]) -> tuple:
+        library, model, depth = key
+        return (LIBRARY_CHOICES.index(library), model, DEPTHS.index(depth) if depth in DEPTHS else len(DEPTHS))
+
+    return [latest[key] for key in sorted(latest, key=order)]
 
 
 def markdown_cell(value) -> str:
@@ -495,9 +528,9 @@ def markdown_cell(value) -> str:
 
 def render_markdown(records: Sequence[dict]) -> str:
     """Return the Markdown page: how the sweep ran, a summary line and the results table."""
-    shown = latest_records(records)
+    latest = latest_records(records)
     invocations = {}
-    for record in shown:
+    for record in latest:
         invocation = record["invocation"]
         invocations.setdefault((invocation["date"], invocation["command"]), invocation)
     ordered = [invocations[key] for key in sorted(invocations)]
@@ -539,26 +572,26 @@ def render_markdown(records: Sequence[dict]) -> str:
         ]
         for invocation in ordered:
             versions = ", ".join(f"{name} {version}" for name, version in invocation["versions"].items())
-            count = sum(1 for record in shown if record["invocation"]["date"] == invocation["date"])
+            count = sum(1 for record in latest if record["invocation"]["date"] == invocation["date"])
             lines.append(
                 f"| {invocation['date']} | `{markdown_cell(invocation['command'])}` | "
                 f"{markdown_cell(invocation['machine'])} | {versions} | {count} |"
             )
         lines.append("")
 
-    ok_count = sum(1 for record in shown if record["status"] == "ok")
-    model_keys = {(record["library"], record["model"]) for record in shown}
-    failed_models = {(record["library"], record["model"]) for record in shown if record["status"] != "ok"}
-    with_constant = sum(1 for record in shown if record["status"] == "ok" and record["constant_layers"])
+    ok_count = sum(1 for record in latest if record["status"] == "ok")
+    model_keys = {(record["library"], record["model"]) for record in latest}
+    failed_models = {(record["library"], record["model"]) for record in latest if record["status"] != "ok"}
+    with_constant = sum(1 for record in latest if record["status"] == "ok" and record["constant_layers"])
     lines += [
-        f"**Summary: {ok_count} of {len(shown)} (model, depth) results ok; "
+        f"**Summary: {ok_count} of {len(latest)} (model, depth) results ok; "
         f"{len(model_keys) - len(failed_models)} of {len(model_keys)} models ok at every depth; "
         f"{with_constant} ok results have constant layers.**",
         "",
         "| library | model | depth | input size | layers | seconds | result |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for record in shown:
+    for record in latest:
         cells = [
             record["library"],
             record["model"],
@@ -625,9 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model library to sweep (default: all)")
     parser.add_argument("--models", nargs="+", metavar="NAME", default=None,
                         help="model names to sweep (default: every model of --library)")
-    parser.add_argument("--output", type=Path, default=Path("bench/ZOO.md"),
-                        help="Markdown file to write (default: bench/ZOO.md); the results file is "
-                             "the same path with the suffix .jsonl")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "ZOO.md",
+                        help="Markdown file to write (default: ZOO.md in this script's folder); the "
+                             "results file is the same path with the suffix .jsonl")
     parser.add_argument("--resume", action="store_true",
                         help="skip the models that already have results in the results file")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PIXELS",
@@ -692,13 +725,14 @@ def main(argv: list[str] | None = None) -> int:
             write_markdown(output, records)
 
             parts = [f"depth {entry['depth']}: {entry['result']}"
-                     + (f" ({entry['layers']} layers)" if entry["layers"] is not None else "")
+                     + ("" if entry["layers"] is None else f" ({entry['layers']} layer{'s' * (entry['layers'] != 1)})")
                      for entry in outcome["depths"]]
             size = outcome["depths"][0]["input_size"]
-            print(f"[{position}/{len(todo)}] {library} {name}: {size} px, {outcome['seconds']:.1f} s; "
+            size_text = "no input size" if size is None else f"{size} px"
+            print(f"[{position}/{len(todo)}] {library} {name}: {size_text}, {outcome['seconds']:.1f} s; "
                   + "; ".join(parts), flush=True)
     except KeyboardInterrupt:
-        worker.stop()
+        worker.stop(graceful=False)
         write_markdown(output, records)
         print(f"interrupted; finished models are in {results_path}; rerun with --resume to continue",
               file=sys.stderr)
@@ -706,9 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.stop()
     write_markdown(output, records)
 
-    shown = latest_records(records)
-    ok_count = sum(1 for record in shown if record["status"] == "ok")
-    print(f"done in {time.perf_counter() - sweep_start:.0f} s: {ok_count} of {len(shown)} results ok; "
+    latest = latest_records(records)
+    ok_count = sum(1 for record in latest if record["status"] == "ok")
+    print(f"done in {time.perf_counter() - sweep_start:.0f} s: {ok_count} of {len(latest)} results ok; "
           f"wrote {output}", flush=True)
     return 0
 

@@ -21,23 +21,39 @@ class MinibatchCKA:
 
     The sums are float64 on the CPU. ``update`` takes the packed vectors of
     ``cka.hsic_vectors`` for one batch, and its cost is one matrix product whatever the
-    number of layers.
+    number of layers. Sums from several accumulators (processes that saw different
+    batches) add up to the sums of one accumulator that saw them all.
 
     Example:
         >>> accumulator = MinibatchCKA()
         >>> for vectors_x, vectors_y in batches:  # (layers_x, T) and (layers_y, T)
         ...     accumulator.update(vectors_x, vectors_y)
         >>> matrix = accumulator.compute()  # (layers_x, layers_y)
+
+    Args:
+        rows: number of row layers; with ``columns``, starts the sums at zero so that
+            an accumulator that sees no batch can still be merged with others.
+        columns: number of column layers.
+
+    Attributes:
+        cross: ``(rows, columns)`` sums of ``HSIC(K_b, L_b)``.
+        self_x: ``(rows,)`` sums of ``HSIC(K_b, K_b)``.
+        self_y: ``(columns,)`` sums of ``HSIC(L_b, L_b)``.
+        batches: number of batches added.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int | None = None, columns: int | None = None) -> None:
+        self.shape = None if rows is None or columns is None else (rows, columns)
         self.reset()
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
-        self.cross = None
-        self.self_x = None
-        self.self_y = None
+        self.cross = self.self_x = self.self_y = None
+        if self.shape is not None:
+            rows, columns = self.shape
+            self.cross = torch.zeros(rows, columns, dtype=torch.float64)
+            self.self_x = torch.zeros(rows, dtype=torch.float64)
+            self.self_y = torch.zeros(columns, dtype=torch.float64)
         self.batches = 0
 
     def update(self, vectors_x: torch.Tensor, vectors_y: torch.Tensor) -> None:

@@ -92,16 +92,30 @@ class _ResizedImages(Dataset):
 
 
 def resized_batches(
-    images: ImageSet, size: int, batch_size: int, num_workers: int = 0
+    images: ImageSet,
+    size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    batch_indices: Sequence[int] | None = None,
 ) -> DataLoader:
     """Return a loader of ``(batch_size, 3, size, size)`` uint8 RGB batches, in order.
 
-    Consecutive images form each batch and nothing is shuffled, so two models given the
-    same ``images`` and ``batch_size`` see the same batches.
+    Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size - 1`` and nothing
+    is shuffled, so two models given the same ``images`` and ``batch_size`` see the same
+    batches.
+
+    Args:
+        images: the images.
+        size: side of the square output.
+        batch_size: images per batch.
+        num_workers: worker processes; 0 loads in this process.
+        batch_indices: the batches to load, in this order; default: all of them.
     """
-    return DataLoader(
-        _ResizedImages(images, size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
+    dataset = _ResizedImages(images, size)
+    if batch_indices is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    sampler = [
+        list(range(index * batch_size, min((index + 1) * batch_size, len(images))))
+        for index in batch_indices
+    ]
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)

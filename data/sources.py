@@ -7,6 +7,7 @@ the same order and the same batches.
 
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import logging
 import os
@@ -116,11 +117,14 @@ class ImageSet(Sequence):
     Attributes:
         description: what the images are, for logs and the run record.
         indices: position of each image in the underlying dataset, folder or crop list.
+        source: identity of the underlying images, which changes when they change;
+            with ``indices`` it keys cached results.
     """
 
     description: str
     indices: list[int]
     _load: object = dataclasses.field(repr=False)
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -192,7 +196,10 @@ def _sample_photos(count: int, seed: int) -> ImageSet:
         return ImageRegion(photo, (left, top, left + side, top + side), bool(rng.random() < 0.5))
 
     description = f"{count} seeded square crops of {len(photos)} scikit-image photographs"
-    return ImageSet(description, list(range(count)), crop)
+    source = f"sample_photos v1, seed {seed}, " + ", ".join(
+        f"{os.path.basename(path)} {os.path.getsize(path)}" for path in paths
+    )
+    return ImageSet(description, list(range(count)), crop, source)
 
 
 def _folder_images(folder: str, count: int, seed: int) -> ImageSet:
@@ -212,7 +219,12 @@ def _folder_images(folder: str, count: int, seed: int) -> ImageSet:
             return ImageRegion(image)
 
     indices = _seeded_subset(len(paths), count, seed)
-    return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, load)
+    listing = hashlib.sha256()
+    for path in paths:
+        status = os.stat(path)
+        listing.update(f"{os.path.relpath(path, folder)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    source = f"folder {os.path.abspath(folder)}, files {listing.hexdigest()}"
+    return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, load, source)
 
 
 def _torchvision_dataset_class(name: str):
@@ -281,7 +293,8 @@ def _torchvision_images(dataset_class, count: int, seed: int, root: str, downloa
 
     indices = _seeded_subset(len(dataset), count, seed)
     description = f"{count} seeded images of {name} ({split or 'whole dataset'}) from {root}"
-    return ImageSet(description, indices, load)
+    source = f"torchvision {name} ({split}) in {os.path.abspath(root)}, {len(dataset)} images"
+    return ImageSet(description, indices, load, source)
 
 
 def open_images(

@@ -144,7 +144,7 @@ def _device_description(device: str) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _record(result: RunResult, files: dict[str, list[str]], argv: list[str]) -> dict:
+def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cache_dir: str | None) -> dict:
     plan = result.plan
     models = []
     for prepared in result.models:
@@ -159,6 +159,8 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str]) -> 
                 "seed": spec.seed,
                 "weights": spec.weights,
                 "hooked_layers": len(prepared.layers),
+                "cache_key": prepared.key,
+                "batches_from_cache": prepared.cached_batches,
                 "scopes": [
                     {
                         "depth_requested": depth,
@@ -198,6 +200,8 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str]) -> 
         "options": options,
         "library": plan.library,
         "device": _device_description(plan.device),
+        "processes": result.context.world_size,
+        "cache_dir": cache_dir,
         "versions": library_versions(),
         "images": {
             "dataset": plan.options.dataset,
@@ -225,7 +229,9 @@ def _json_safe(value):
     return value
 
 
-def write_outputs(result: RunResult, argv: list[str] | None = None) -> dict[str, list[str]]:
+def write_outputs(
+    result: RunResult, argv: list[str] | None = None, cache_dir: str | None = None
+) -> dict[str, list[str]]:
     """Write every pair's PNG, CSV and NPZ, then the run record, into the output folder.
 
     Each file is written under a temporary name and renamed, so no reader sees half a
@@ -234,6 +240,7 @@ def write_outputs(result: RunResult, argv: list[str] | None = None) -> dict[str,
     Args:
         result: what ``run_plan`` returned.
         argv: the command line, recorded verbatim; ``sys.argv`` for the CLI.
+        cache_dir: the kernel cache folder the run used, for the record.
 
     Returns:
         ``{task stem: [paths written]}``, plus ``"record"`` for the run record.
@@ -262,7 +269,7 @@ def write_outputs(result: RunResult, argv: list[str] | None = None) -> dict[str,
         )
 
     record_path = os.path.join(folder, RECORD_NAME)
-    record = _json_safe(_record(result, files, list(argv or [])))
+    record = _json_safe(_record(result, files, list(argv or []), cache_dir))
     with _atomic_path(record_path) as partial, open(partial, "w") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")

@@ -68,6 +68,8 @@ class RunOptions:
     data_root: str | None = None
     download: int = 1
     num_workers: int = 0
+    cache: int = 1
+    cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +179,7 @@ def _check_binary(flag: str, value: int) -> None:
 
 def _check_options(options: RunOptions) -> None:
     for flag in ("torchvision", "conv_only", "remove_output_layer", "compare_all",
-                 "include_parameter_free", "download"):
+                 "include_parameter_free", "download", "cache"):
         _check_binary(flag, getattr(options, flag))
     for flag in ("pretrained", "compare_pretrained"):
         for value in getattr(options, flag) or []:

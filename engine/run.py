@@ -3,23 +3,26 @@
 Each model runs once over the images, whatever the number of pairs and depths it is in.
 During that pass the hooks of the union of its selected layers turn every output into
 a Gram matrix, and each batch's kernels are packed (``cka.hsic_vectors``) and written
-to a KernelStore. The pairs then read the packs back batch by batch, and each
-(pair, batch) costs one matrix product.
+to a KernelCache. The pairs then read the packs back batch by batch, and each
+(pair, batch) costs one matrix product. Batches already in a persistent cache are not
+computed again. Under ``torchrun`` each rank takes its share of the batches and one
+all-reduce adds the ranks' sums.
 """
 
 import dataclasses
 import logging
+import os
 import time
 
 import torch
+import torchvision.transforms.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
 from cka import MinibatchCKA, hsic_vectors, rbf_from_gram
-import torchvision.transforms.functional as functional
-
 from data import ImageSet, Normalizer, open_images, resized_batches
 from models import (
+    CallRecord,
     KernelRecorder,
     LayerInfo,
     LayerSelection,
@@ -32,8 +35,10 @@ from models import (
     union_of_layers,
 )
 
+from .cache import CACHE_FORMAT, KernelCache, fingerprint, package_versions
+from .distributed import DistributedContext, all_reduce_sum
 from .plan import KernelSettings, ModelSpec, PairTask, RunPlan, UsageError
-from .store import KernelStore
+from .store import ScratchStore
 
 __all__ = ["PairResult", "PreparedModel", "RunResult", "run_plan"]
 
@@ -56,6 +61,9 @@ class PreparedModel:
         selections: ``{(depth, conv_only): selection}`` for each requested scope.
         rows: ``{(depth, conv_only): indices into layers}`` for each scope.
         settings: kernel settings its pairs need, in a fixed order.
+        key: cache key of its kernels.
+        settings_keys: cache key of each entry of ``settings``.
+        cached_batches: batches of this rank read from the cache instead of computed.
     """
 
     spec: ModelSpec
@@ -65,6 +73,14 @@ class PreparedModel:
     selections: dict[tuple[int, bool], LayerSelection]
     rows: dict[tuple[int, bool], list[int]]
     settings: list[KernelSettings]
+    key: str
+    settings_keys: list[str]
+    cached_batches: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the hooked layers, in execution order."""
+        return [layer.name for layer in self.layers]
 
 
 @dataclasses.dataclass
@@ -95,13 +111,18 @@ class PairResult:
 
 @dataclasses.dataclass
 class RunResult:
-    """Everything a run computed, for the output files and the run record."""
+    """Everything a run computed, for the output files and the run record.
+
+    Under ``torchrun`` every rank returns the same matrices; ``context`` says which
+    rank this is.
+    """
 
     plan: RunPlan
     images: ImageSet
     pairs: list[PairResult]
     models: list[PreparedModel]
     timings: dict[str, float]
+    context: DistributedContext = dataclasses.field(default_factory=DistributedContext)
 
 
 def _scope(task: PairTask) -> tuple[int, bool]:
@@ -130,19 +151,37 @@ def _empty_selection_error(spec: ModelSpec, module: nn.Module, scope, plan: RunP
     )
 
 
-def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan: RunPlan) -> PreparedModel:
-    """Build one model, trace it on two images and choose its layers for every scope.
+def _weights_identity(spec: ModelSpec):
+    if spec.weights is not None:
+        status = os.stat(spec.weights)
+        return {"file": spec.weights, "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    return "pretrained" if spec.pretrained else f"random, seed {spec.seed}"
 
-    Raises:
-        ModelLoadError: when the weights cannot be obtained or the model rejects its input.
-        UsageError: when a requested scope selects no layer.
-    """
-    options = plan.options
-    module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
-    preprocessing = input_spec(spec.library, spec.name, spec.input_size)
-    normalizer = Normalizer(
-        preprocessing.mean, preprocessing.std, preprocessing.value_range, preprocessing.color_space
+
+def _model_key(spec: ModelSpec, preprocessing, images: ImageSet, plan: RunPlan, device: str) -> str:
+    """Return the cache key of a model's kernels: everything that changes their values."""
+    return fingerprint(
+        {
+            "format": CACHE_FORMAT,
+            "library": spec.library,
+            "versions": package_versions(spec.library),
+            "model": spec.name,
+            "weights": _weights_identity(spec),
+            "input_size": spec.input_size,
+            "preprocessing": dataclasses.asdict(preprocessing),
+            "images": images.source,
+            "indices": images.indices,
+            "batch_size": plan.options.batch_size,
+            "device": torch.device(device).type,
+        }
     )
+
+
+def _trace(module: nn.Module, spec: ModelSpec, images: ImageSet, normalizer, key: str, cache: KernelCache):
+    """Return the model's call trace, from the cache or from a forward pass on two images."""
+    cached = cache.get_json(key, "trace")
+    if cached is not None:
+        return [CallRecord(name, call, None if shape is None else tuple(shape)) for name, call, shape in cached]
 
     trace_inputs = _trace_inputs(images, spec.input_size, normalizer)
     try:
@@ -153,6 +192,33 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
             "Choose another --input_shape (most models need 32 pixels or more, "
             "inception_v3 75, vision transformers a multiple of their patch size)"
         ) from error
+    cache.put_json(key, "trace", [[record.module_name, record.call, record.output_shape] for record in calls])
+    return calls
+
+
+def prepare_model(
+    spec: ModelSpec,
+    tasks: list[PairTask],
+    images: ImageSet,
+    plan: RunPlan,
+    cache: KernelCache,
+    device: str = "cpu",
+) -> PreparedModel:
+    """Build one model, trace it on two images and choose its layers for every scope.
+
+    Raises:
+        ModelLoadError: when the weights cannot be obtained or the model rejects its input.
+        UsageError: when a requested scope selects no layer.
+    """
+    options = plan.options
+    module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
+    preprocessing = input_spec(spec.library, spec.name, spec.input_size)
+    preprocessing = dataclasses.replace(preprocessing, size=spec.input_size)
+    normalizer = Normalizer(
+        preprocessing.mean, preprocessing.std, preprocessing.value_range, preprocessing.color_space
+    )
+    key = _model_key(spec, preprocessing, images, plan, device)
+    calls = _trace(module, spec, images, normalizer, key, cache)
 
     scopes = list(dict.fromkeys(_scope(task) for task in tasks))
     selections = {}
@@ -161,7 +227,7 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
         selection = select_layers(
             module,
             calls,
-            batch_size=len(trace_inputs),
+            batch_size=min(_TRACE_IMAGES, len(images)),
             depth=depth,
             conv_only=conv_only,
             kernel_range=plan.kernel_range,
@@ -179,7 +245,8 @@ def prepare_model(spec: ModelSpec, tasks: list[PairTask], images: ImageSet, plan
         for scope, selection in selections.items()
     }
     settings = list(dict.fromkeys(task.kernel for task in tasks))
-    return PreparedModel(spec, module, normalizer, layers, selections, rows, settings)
+    settings_keys = [fingerprint(dataclasses.asdict(entry)) for entry in settings]
+    return PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, settings_keys)
 
 
 def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tensor:
@@ -190,55 +257,64 @@ def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tens
     return hsic_vectors(kernels, settings.estimator)
 
 
-def _pixel_batches(images: ImageSet, size: int, plan: RunPlan, store: KernelStore, keep: bool):
-    """Yield the uint8 batches at ``size``, resizing once per size and run.
+def _pixel_batches(
+    images: ImageSet, size: int, batches: list[int], plan: RunPlan, scratch: ScratchStore, keep: bool
+):
+    """Yield ``(batch index, uint8 pixels)`` at ``size``, resizing each batch once per run.
 
     With ``keep``, freshly resized batches are stored for the next model of that size.
     """
     options = plan.options
-    if f"pixels{size}_batch0" in store:
-        for batch_index in range(options.dataloader_size):
-            yield store.get(f"pixels{size}_batch{batch_index}")
-        return
+    keys = {batch: f"pixels{size}_batch{batch}" for batch in batches}
+    missing = [batch for batch in batches if keys[batch] not in scratch]
+    loader = iter(resized_batches(images, size, options.batch_size, options.num_workers, missing))
+    for batch in batches:
+        if batch in missing:
+            pixels = next(loader)
+            if keep:
+                scratch.put(keys[batch], pixels)
+        else:
+            pixels = scratch.get(keys[batch])
+        yield batch, pixels
 
-    loader = resized_batches(images, size, options.batch_size, options.num_workers)
-    for batch_index, pixels in enumerate(loader):
-        if keep:
-            store.put(f"pixels{size}_batch{batch_index}", pixels)
-        yield pixels
 
-
-def _kernels_key(model_key: int, settings_key: int, batch_index: int) -> str:
-    return f"kernels_model{model_key}_settings{settings_key}_batch{batch_index}"
+def _batches_to_compute(prepared: PreparedModel, batches: list[int], cache: KernelCache) -> list[int]:
+    needed = set(prepared.layer_names)
+    return [
+        batch
+        for batch in batches
+        if any(not needed <= cache.stored_layers(prepared.key, key, batch) for key in prepared.settings_keys)
+    ]
 
 
 def compute_kernels(
     prepared: PreparedModel,
-    model_key: int,
+    batches: list[int],
     images: ImageSet,
     plan: RunPlan,
-    store: KernelStore,
+    cache: KernelCache,
+    scratch: ScratchStore,
+    device: str = "cpu",
     keep_pixels: bool = False,
     progress: bool = True,
 ) -> None:
-    """Run one model over every batch and store the packed kernels of its layers."""
-    device = torch.device(plan.device)
+    """Run one model over ``batches`` and store the packed kernels of its layers."""
     module = prepared.module.to(device)
     bar = tqdm(
-        total=plan.options.dataloader_size,
+        total=len(batches),
         desc=f"{prepared.spec.label} ({len(prepared.layers)} layers)",
         unit="batch",
         disable=not progress,
     )
     try:
         with KernelRecorder(module, prepared.layers) as recorder:
-            pixel_batches = _pixel_batches(images, prepared.spec.input_size, plan, store, keep_pixels)
-            for batch_index, pixels in enumerate(pixel_batches):
+            pixel_batches = _pixel_batches(images, prepared.spec.input_size, batches, plan, scratch, keep_pixels)
+            for batch, pixels in pixel_batches:
                 inputs = prepared.normalizer(pixels.to(device, non_blocking=True))
                 grams = recorder.grams(inputs)
-                for settings_key, settings in enumerate(prepared.settings):
+                for settings, settings_key in zip(prepared.settings, prepared.settings_keys):
                     vectors = _packed_kernels(grams, settings)
-                    store.put(_kernels_key(model_key, settings_key, batch_index), vectors)
+                    cache.put_kernels(prepared.key, settings_key, batch, prepared.layer_names, vectors)
                 bar.update(1)
     finally:
         bar.close()
@@ -246,19 +322,24 @@ def compute_kernels(
 
 
 def compare_pairs(
-    plan: RunPlan, prepared: dict[ModelSpec, PreparedModel], store: KernelStore
-) -> list[PairResult]:
-    """Accumulate minibatch CKA for every task from the stored kernels."""
-    keys = {spec: index for index, spec in enumerate(prepared)}
-    accumulators = [MinibatchCKA() for _ in plan.tasks]
-    for batch_index in range(plan.options.dataloader_size):
-        loaded: dict[str, torch.Tensor] = {}
+    plan: RunPlan, prepared: dict[ModelSpec, PreparedModel], cache: KernelCache, batches: list[int]
+) -> list[MinibatchCKA]:
+    """Accumulate every task's HSIC sums over ``batches`` from the stored kernels."""
+    accumulators = []
+    for task in plan.tasks:
+        rows = len(prepared[task.model_x].rows[_scope(task)])
+        columns = len(prepared[task.model_y].rows[_scope(task)])
+        accumulators.append(MinibatchCKA(rows, columns))
+
+    for batch in batches:
+        loaded: dict[tuple[ModelSpec, KernelSettings], torch.Tensor] = {}
 
         def vectors(spec: ModelSpec, settings: KernelSettings) -> torch.Tensor:
-            key = _kernels_key(keys[spec], prepared[spec].settings.index(settings), batch_index)
-            if key not in loaded:
-                loaded[key] = store.get(key)
-            return loaded[key]
+            if (spec, settings) not in loaded:
+                model = prepared[spec]
+                settings_key = model.settings_keys[model.settings.index(settings)]
+                loaded[spec, settings] = cache.get_kernels(model.key, settings_key, batch, model.layer_names)
+            return loaded[spec, settings]
 
         for task, accumulator in zip(plan.tasks, accumulators):
             rows_x = prepared[task.model_x].rows[_scope(task)]
@@ -267,12 +348,93 @@ def compare_pairs(
                 vectors(task.model_x, task.kernel)[rows_x],
                 vectors(task.model_y, task.kernel)[rows_y],
             )
+    return accumulators
 
-    results = []
+
+def _sum_over_ranks(accumulators: list[MinibatchCKA], context: DistributedContext) -> None:
+    """Replace every accumulator's sums by their total over all ranks, in one all-reduce."""
+    if context.world_size <= 1:
+        return
+    parts = [tensor for acc in accumulators for tensor in (acc.cross.flatten(), acc.self_x, acc.self_y)]
+    total = all_reduce_sum(torch.cat(parts), context)
+    offset = 0
+    for accumulator in accumulators:
+        for name in ("cross", "self_x", "self_y"):
+            tensor = getattr(accumulator, name)
+            size = tensor.numel()
+            setattr(accumulator, name, total[offset : offset + size].view_as(tensor).clone())
+            offset += size
+
+
+def run_plan(
+    plan: RunPlan,
+    progress: bool = True,
+    context: DistributedContext | None = None,
+    cache_dir: str | None = None,
+) -> RunResult:
+    """Read the images, run every model once and compute every pair's CKA matrix.
+
+    Args:
+        plan: the checked plan.
+        progress: show a progress bar per model pass.
+        context: this process's place under ``torchrun``; default: a single process.
+        cache_dir: folder of the persistent kernel cache; None computes everything and
+            keeps the kernels in a temporary folder.
+
+    Raises:
+        data.DatasetError, models.ModelLoadError, UsageError: for problems found before
+            the forward passes start.
+    """
+    context = context or DistributedContext()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    options = plan.options
+    device = context.device(plan.device)
+    my_batches = context.batches(options.dataloader_size)
+    # The Gram products stay in full float32 on GPUs: TF32 would cost CKA 3 digits.
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    images = open_images(
+        options.dataset, plan.image_count, options.seed, options.data_root, bool(options.download)
+    )
+    logger.info("images: %s", images.description)
+
+    with KernelCache(cache_dir) as cache, ScratchStore() as scratch:
+        prepared: dict[ModelSpec, PreparedModel] = {}
+        for spec in plan.models:
+            tasks = [task for task in plan.tasks if spec in (task.model_x, task.model_y)]
+            prepared[spec] = prepare_model(spec, tasks, images, plan, cache, device)
+            logger.info("%s: %d layers hooked", spec.label, len(prepared[spec].layers))
+        timings["prepare_s"] = time.perf_counter() - start
+
+        models = list(prepared.values())
+        for index, model in enumerate(models):
+            model_start = time.perf_counter()
+            to_compute = _batches_to_compute(model, my_batches, cache)
+            model.cached_batches = [batch for batch in my_batches if batch not in to_compute]
+            if model.cached_batches:
+                logger.info("%s: %d of %d batches read from the cache", model.spec.label,
+                            len(model.cached_batches), len(my_batches))
+            if to_compute:
+                later_sizes = {other.spec.input_size for other in models[index + 1 :]}
+                compute_kernels(
+                    model, to_compute, images, plan, cache, scratch, device,
+                    keep_pixels=model.spec.input_size in later_sizes,
+                    progress=progress and context.is_main,
+                )
+            timings[f"forward_{model.spec.label}_s"] = time.perf_counter() - model_start
+            model.module = None  # free the weights; only the layer lists are needed now
+
+        pairs_start = time.perf_counter()
+        accumulators = compare_pairs(plan, prepared, cache, my_batches)
+        _sum_over_ranks(accumulators, context)
+        timings["pairs_s"] = time.perf_counter() - pairs_start
+
+    pairs = []
     for task, accumulator in zip(plan.tasks, accumulators):
         selection_x = prepared[task.model_x].selections[_scope(task)]
         selection_y = prepared[task.model_y].selections[_scope(task)]
-        results.append(
+        pairs.append(
             PairResult(
                 task=task,
                 matrix=accumulator.compute(),
@@ -282,47 +444,5 @@ def compare_pairs(
                 depth_y=selection_y.depth,
             )
         )
-    return results
-
-
-def run_plan(plan: RunPlan, progress: bool = True) -> RunResult:
-    """Read the images, run every model once and compute every pair's CKA matrix.
-
-    Raises:
-        data.DatasetError, models.ModelLoadError, UsageError: for problems found before
-            the forward passes start.
-    """
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    options = plan.options
-    # The Gram products stay in full float32 on GPUs: TF32 would cost CKA 3 digits.
-    torch.backends.cuda.matmul.allow_tf32 = False
-
-    images = open_images(
-        options.dataset, plan.image_count, options.seed, options.data_root, bool(options.download)
-    )
-    logger.info("images: %s", images.description)
-
-    prepared: dict[ModelSpec, PreparedModel] = {}
-    for spec in plan.models:
-        tasks = [task for task in plan.tasks if spec in (task.model_x, task.model_y)]
-        prepared[spec] = prepare_model(spec, tasks, images, plan)
-        logger.info("%s: %d layers hooked", spec.label, len(prepared[spec].layers))
-    timings["prepare_s"] = time.perf_counter() - start
-
-    with KernelStore() as store:
-        models = list(prepared.values())
-        for model_key, model in enumerate(models):
-            model_start = time.perf_counter()
-            later_sizes = {other.spec.input_size for other in models[model_key + 1 :]}
-            keep_pixels = model.spec.input_size in later_sizes
-            compute_kernels(model, model_key, images, plan, store, keep_pixels, progress)
-            timings[f"forward_{model.spec.label}_s"] = time.perf_counter() - model_start
-            model.module = None  # free the weights; only the layer lists are needed now
-
-        pairs_start = time.perf_counter()
-        pairs = compare_pairs(plan, prepared, store)
-        timings["pairs_s"] = time.perf_counter() - pairs_start
-
     timings["total_s"] = time.perf_counter() - start
-    return RunResult(plan, images, pairs, list(prepared.values()), timings)
+    return RunResult(plan, images, pairs, models, timings, context)

@@ -7,11 +7,11 @@ import tempfile
 import numpy as np
 import torch
 
-__all__ = ["KernelStore"]
+__all__ = ["ScratchStore"]
 
 
-class KernelStore:
-    """Per-batch arrays of a run, such as packed kernels, kept in a temporary folder.
+class ScratchStore:
+    """Per-batch arrays of a run, such as resized images, kept in a temporary folder.
 
     One ``.npy`` file per key. Files are written under a temporary name and renamed,
     so a reader never sees half a file. Use it as a context manager; leaving deletes
@@ -26,8 +26,8 @@ class KernelStore:
         self.parent = parent
         self.folder: str | None = None
 
-    def __enter__(self) -> "KernelStore":
-        self.folder = tempfile.mkdtemp(prefix="cka_kernels_", dir=self.parent)
+    def __enter__(self) -> "ScratchStore":
+        self.folder = tempfile.mkdtemp(prefix="cka_scratch_", dir=self.parent)
         return self
 
     def __exit__(self, *exc_info) -> None:

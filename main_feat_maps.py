@@ -9,7 +9,9 @@ Example (offline, random weights, bundled photographs):
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from data import DatasetError, default_data_root
 from engine import RunOptions, UsageError, build_plan, run_plan, write_outputs
@@ -21,6 +23,11 @@ logger = logging.getLogger("main_feat_maps")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def _interrupt(signal_number, frame):
+    """Turn SIGTERM (from job schedulers and ``timeout``) into the cleanup path of Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 class _ListModelsAction(argparse.Action):
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     import torch
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     context = init_distributed(use_cuda=arguments.device >= 0 and torch.cuda.is_available())
     logging.basicConfig(
         level=arguments.log_level if context.is_main else logging.ERROR,
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(
                 "%d heatmap(s) for %d model(s) on %s", len(plan.tasks), len(plan.models), plan.device
             )
-            cache_dir = (arguments.cache_dir or default_cache_dir()) if arguments.cache else None
+            cache_dir = (plan.options.cache_dir or default_cache_dir()) if plan.options.cache else None
             result = run_plan(plan, progress=not arguments.no_progress, context=context, cache_dir=cache_dir)
             files = write_outputs(result, [sys.argv[0], *argv], cache_dir) if context.is_main else None
     except (UsageError, ModelLoadError, DatasetError) as error:
@@ -163,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", error)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        logger.error("interrupted; no files were written, finished batches stay in the kernel cache")
+        logger.error(
+            "interrupted before any file was written; finished batches stay in the kernel cache "
+            "and the same command resumes from them"
+        )
         return EXIT_INTERRUPTED
     finally:
         shutdown(context)
@@ -172,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for pair in result.pairs:
         nan_note = f", {pair.nan_cells} undefined (NaN) cells" if pair.nan_cells else ""
-        logger.info("%s: %dx%d%s -> %s.png", pair.task.title, *pair.matrix.shape, nan_note, pair.task.stem)
+        logger.info(
+            "%s, %s: %dx%d%s -> %s.png",
+            pair.title, pair.task.cka_type, *pair.matrix.shape, nan_note, pair.task.stem,
+        )
     logger.info("wrote %d heatmap(s) and %s to %s", len(result.pairs), files["record"][0],
                 plan.options.output_path)
     return 0

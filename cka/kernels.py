@@ -90,10 +90,12 @@ def rbf_from_gram(grams: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Compute RBF kernels from linear Gram matrices, with the median bandwidth rule.
 
     ``K_ij = exp(-d_ij^2 / (2 sigma^2 m))`` where ``m`` is the median of ``d_ij^2`` over
-    ``i != j`` within the same batch (Kornblith et al. 2019). When ``m`` is zero, which
-    happens when at least half of the pairs of examples coincide, the bandwidth is
-    undefined: that kernel is returned as all ones, so its centered kernel is zero and
-    its CKA is NaN.
+    ``i != j`` within the same batch (Kornblith et al. 2019). A kernel whose
+    off-diagonal entries are all equal carries no information about the examples. That
+    happens when ``m`` is zero (at least half of the pairs of examples coincide), and
+    when ``sigma`` is so small or so large that every entry underflows to 0 or rounds
+    to 1. Such a kernel is returned as all ones, so its centered kernel is zero and its
+    CKA is NaN rather than a number made up by the bandwidth.
 
     Args:
         grams: ``(..., n, n)`` linear Gram matrices with ``n >= 2``.
@@ -102,12 +104,17 @@ def rbf_from_gram(grams: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     Returns:
         ``(..., n, n)`` RBF kernel matrices.
     """
-    if grams.shape[-1] < 2:
-        raise ValueError(f"the RBF bandwidth needs at least 2 examples, got {grams.shape[-1]}")
+    n = grams.shape[-1]
+    if n < 2:
+        raise ValueError(f"the RBF bandwidth needs at least 2 examples, got {n}")
 
     distances = squared_distances(grams)
     median = _median_off_diagonal(distances)
     scale = (2.0 * sigma**2) * median
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     kernels = torch.exp(-distances / safe_scale[..., None, None])
-    return torch.where((scale > 0)[..., None, None], kernels, torch.ones_like(kernels))
+
+    rows, cols = torch.triu_indices(n, n, offset=1, device=grams.device)
+    off_diagonal = kernels[..., rows, cols]
+    informative = (scale > 0) & (off_diagonal.amax(dim=-1) > off_diagonal.amin(dim=-1))
+    return torch.where(informative[..., None, None], kernels, torch.ones_like(kernels))

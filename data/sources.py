@@ -169,6 +169,72 @@ def _check_count(available: int, count: int, what: str) -> None:
         )
 
 
+class _PhotoCrops:
+    """Crop ``i``: photo ``i mod P``, with a crop and a flip seeded by ``(seed, i)``.
+
+    Any number of images, each the same in every run. A class rather than a closure,
+    so that DataLoader workers started by "spawn" can receive it.
+    """
+
+    def __init__(self, photos: list[Image.Image], seed: int) -> None:
+        self.photos = photos
+        self.seed = seed
+
+    def __call__(self, index: int) -> ImageRegion:
+        photo = self.photos[index % len(self.photos)]
+        rng = np.random.default_rng([self.seed, index])
+        side = int(min(photo.size) * rng.uniform(*_CROP_FRACTION))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        return ImageRegion(photo, (left, top, left + side, top + side), bool(rng.random() < 0.5))
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit and 32-bit grayscale to 8 bits; ``convert`` would clip them at 255."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 255.0)
+        if image.mode == "F":
+            high = max(float(pixels.max()), 1.0)
+        scaled = np.clip(pixels / high * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L")
+    return image
+
+
+class _FileLoader:
+    """Open image ``i`` of a list of files; a class so that spawned workers can receive it."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __call__(self, index: int) -> ImageRegion:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DatasetError(
+                f"cannot read the image file {path} ({type(error).__name__}: {error}); "
+                "remove or replace it"
+            ) from error
+        return ImageRegion(_to_8_bit(image))
+
+
+class _DatasetLoader:
+    """Return image ``i`` of a torchvision dataset as a PIL image."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __call__(self, index: int) -> ImageRegion:
+        image = self.dataset[index][0]
+        if not isinstance(image, Image.Image):
+            import torchvision.transforms.functional
+
+            image = torchvision.transforms.functional.to_pil_image(image)
+        return ImageRegion(_to_8_bit(image))
+
+
 def _sample_photos(count: int, seed: int) -> ImageSet:
     import skimage.data
 
@@ -184,16 +250,7 @@ def _sample_photos(count: int, seed: int) -> ImageSet:
     for path in paths:
         with Image.open(path) as image:
             photos.append(image.convert("RGB"))
-
-    def crop(index: int) -> ImageRegion:
-        # Photo i mod P, with a crop and a flip drawn from a generator seeded by
-        # (seed, i): any number of images, each one the same in every run.
-        photo = photos[index % len(photos)]
-        rng = np.random.default_rng([seed, index])
-        side = int(min(photo.size) * rng.uniform(*_CROP_FRACTION))
-        left = int(rng.integers(0, photo.width - side + 1))
-        top = int(rng.integers(0, photo.height - side + 1))
-        return ImageRegion(photo, (left, top, left + side, top + side), bool(rng.random() < 0.5))
+    crop = _PhotoCrops(photos, seed)
 
     description = f"{count} seeded square crops of {len(photos)} scikit-image photographs"
     source = f"sample_photos v1, seed {seed}, " + ", ".join(
@@ -213,23 +270,39 @@ def _folder_images(folder: str, count: int, seed: int) -> ImageSet:
         )
     _check_count(len(paths), count, f"the folder {folder}")
 
-    def load(index: int) -> ImageRegion:
-        with Image.open(paths[index]) as image:
-            image.load()
-            return ImageRegion(image)
-
     indices = _seeded_subset(len(paths), count, seed)
     listing = hashlib.sha256()
     for path in paths:
         status = os.stat(path)
         listing.update(f"{os.path.relpath(path, folder)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
     source = f"folder {os.path.abspath(folder)}, files {listing.hexdigest()}"
-    return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, load, source)
+    selected = [paths[index] for index in indices]
+    _check_headers(selected)
+    return ImageSet(f"{count} of the {len(paths)} images in {folder}", indices, _FileLoader(paths), source)
+
+
+def _check_headers(paths: list[str]) -> None:
+    """Raise DatasetError for the first file that is not an image PIL can identify.
+
+    Only headers are read, so this is quick; a file damaged further on is reported when
+    it is loaded.
+    """
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as error:
+            raise DatasetError(
+                f"cannot read the image file {path} ({type(error).__name__}); remove or replace it"
+            ) from error
 
 
 def _torchvision_dataset_class(name: str):
     import torchvision.datasets
 
+    # Base classes read a folder themselves; a folder path passed to --dataset does that.
+    if name in ("VisionDataset", "DatasetFolder", "ImageFolder"):
+        return None
     candidate = getattr(torchvision.datasets, name, None)
     if inspect.isclass(candidate) and issubclass(candidate, torchvision.datasets.VisionDataset):
         return candidate
@@ -242,36 +315,52 @@ def _torchvision_dataset_names() -> list[str]:
     return [name for name in dir(torchvision.datasets) if _torchvision_dataset_class(name)]
 
 
-def _evaluation_split_arguments(dataset_class) -> dict:
-    """Return constructor arguments that select the evaluation split, where there is one."""
-    parameters = inspect.signature(dataset_class.__init__).parameters
-    if "train" in parameters:
-        return {"train": False}
-    if "split" in parameters:
-        default = parameters["split"].default
-        return {"split": "test" if default in ("train", inspect.Parameter.empty) else default}
-    return {}
+# Names that torchvision datasets give their evaluation splits, in order of preference.
+_EVALUATION_SPLITS = ("test", "val", "valid", "validation")
+
+
+def _split_rejected(error: Exception) -> bool:
+    return isinstance(error, ValueError) and "split" in str(error).lower()
 
 
 def _construct_dataset(dataset_class, root: str, download: bool):
+    """Build a torchvision dataset on its evaluation split, where it has one.
+
+    Returns:
+        The dataset and the constructor arguments used.
+    """
     parameters = inspect.signature(dataset_class.__init__).parameters
-    arguments = _evaluation_split_arguments(dataset_class)
-    if "download" in parameters:
-        arguments["download"] = download
-    try:
-        return dataset_class(root, **arguments), arguments
-    except ValueError as error:
-        # Some datasets call their evaluation split "val".
-        if arguments.get("split") != "test" or "split" not in str(error):
-            raise
-        arguments["split"] = "val"
-        return dataset_class(root, **arguments), arguments
+    if list(parameters)[1:2] != ["root"]:
+        raise TypeError(f"its first argument is {list(parameters)[1:2] or 'missing'}, not root")
+    base = {"download": download} if "download" in parameters else {}
+    if "train" in parameters:
+        choices = [{"train": False}]
+    elif "split" in parameters:
+        default = parameters["split"].default
+        choices = [{"split": split} for split in _EVALUATION_SPLITS]
+        if default is not inspect.Parameter.empty:
+            choices.append({"split": default})
+    else:
+        choices = [{}]
+
+    for choice in choices[:-1]:
+        try:
+            return dataset_class(root, **choice, **base), {**choice, **base}
+        except ValueError as error:
+            if not _split_rejected(error):
+                raise
+    return dataset_class(root, **choices[-1], **base), {**choices[-1], **base}
 
 
 def _torchvision_images(dataset_class, count: int, seed: int, root: str, download: bool) -> ImageSet:
     name = dataset_class.__name__
     try:
         dataset, arguments = _construct_dataset(dataset_class, root, download)
+    except TypeError as error:
+        raise DatasetError(
+            f"--dataset {name} cannot be used: its constructor needs arguments other than a "
+            f"data folder ({error}); use a folder of its images instead"
+        ) from error
     except (RuntimeError, OSError, urllib.error.URLError, ValueError) as error:
         hint = "download it while online" if download else "run without --download 0 while online"
         raise DatasetError(
@@ -283,18 +372,10 @@ def _torchvision_images(dataset_class, count: int, seed: int, root: str, downloa
     split = ", ".join(f"{key}={value}" for key, value in arguments.items() if key != "download")
     _check_count(len(dataset), count, f"{name} ({split or 'whole dataset'})")
 
-    def load(index: int) -> ImageRegion:
-        image = dataset[index][0]
-        if not isinstance(image, Image.Image):
-            import torchvision.transforms.functional
-
-            image = torchvision.transforms.functional.to_pil_image(image)
-        return ImageRegion(image)
-
     indices = _seeded_subset(len(dataset), count, seed)
     description = f"{count} seeded images of {name} ({split or 'whole dataset'}) from {root}"
     source = f"torchvision {name} ({split}) in {os.path.abspath(root)}, {len(dataset)} images"
-    return ImageSet(description, indices, load, source)
+    return ImageSet(description, indices, _DatasetLoader(dataset), source)
 
 
 def open_images(
@@ -325,6 +406,10 @@ def open_images(
         root = data_root or default_data_root()
         return _torchvision_images(dataset_class, count, seed, root, download)
 
+    if os.path.isfile(dataset):
+        raise DatasetError(
+            f"--dataset {dataset} is a file; give the folder that contains the images"
+        )
     if os.path.sep in dataset or dataset.startswith((".", "~")) or os.path.exists(dataset):
         raise DatasetError(f"--dataset {dataset}: no folder of that name exists")
     known = _torchvision_dataset_names()

@@ -6,11 +6,16 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
 import shlex
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,6 +26,8 @@ from plotting import plot_cka_heatmap
 from .run import PairResult, RunResult
 
 __all__ = ["RECORD_NAME", "library_versions", "pair_title", "save_cka_matrix", "write_outputs"]
+
+logger = logging.getLogger(__name__)
 
 RECORD_NAME = "run_record.json"
 _DPI = 150  # sharp enough to read 6-point tick labels when zoomed in
@@ -65,7 +72,7 @@ def pair_title(result: PairResult, image_count: int) -> str:
     """Return the heatmap title: both models, the scope, the CKA type and the images."""
     task = result.task
     estimator = task.kernel.estimator
-    return f"{task.title}\n{task.cka_type} ({estimator} HSIC), {image_count} images"
+    return f"{result.title}\n{task.cka_type} ({estimator} HSIC), {image_count} images"
 
 
 def _write_csv(path: str, matrix: np.ndarray, rows, columns, label_x: str, label_y: str) -> None:
@@ -179,7 +186,7 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cac
         task = pair.task
         pairs.append(
             {
-                "title": task.title,
+                "title": pair.title,
                 "model_x": task.model_x.label,
                 "model_y": task.model_y.label,
                 "depth": None if task.conv_only else task.depth,
@@ -229,13 +236,39 @@ def _json_safe(value):
     return value
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT and SIGTERM back while the block runs, so it finishes as a whole.
+
+    A signal that arrives meanwhile is logged and dropped: the block is short, and
+    stopping inside it would leave new files beside old ones.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+    for number in signals:
+        signal.signal(number, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            logger.warning("interrupt received while moving the finished files into place; they are complete")
+
+
 def write_outputs(
     result: RunResult, argv: list[str] | None = None, cache_dir: str | None = None
 ) -> dict[str, list[str]]:
     """Write every pair's PNG, CSV and NPZ, then the run record, into the output folder.
 
-    Each file is written under a temporary name and renamed, so no reader sees half a
-    file. Files from an earlier run with the same names are replaced.
+    The files are first written into a hidden staging folder inside the output folder,
+    then moved into place together with interrupts held back, so an interrupted run
+    leaves either all of its files or none, never a mix with an earlier run's. Files
+    from an earlier run with the same names are replaced.
 
     Args:
         result: what ``run_plan`` returned.
@@ -247,31 +280,41 @@ def write_outputs(
     """
     folder = result.plan.options.output_path
     os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".cka-partial-", dir=folder)
     image_count = len(result.images)
+    try:
+        staged: dict[str, list[str]] = {}
+        for pair in result.pairs:
+            task = pair.task
+            staged[task.stem] = save_cka_matrix(
+                os.path.join(staging, task.stem),
+                pair.matrix.numpy(),
+                pair.rows,
+                pair.columns,
+                task.model_x.label,
+                task.model_y.label,
+                pair_title(pair, image_count),
+                metadata={
+                    "cka_type": task.cka_type,
+                    "estimator": task.kernel.estimator,
+                    "depth": task.depth,
+                    "conv_only": task.conv_only,
+                },
+            )
+        files = {
+            stem: [os.path.join(folder, os.path.basename(path)) for path in paths]
+            for stem, paths in staged.items()
+        }
+        files["record"] = [os.path.join(folder, RECORD_NAME)]
+        record = _json_safe(_record(result, files, list(argv or []), cache_dir))
+        with open(os.path.join(staging, RECORD_NAME), "w") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
 
-    files: dict[str, list[str]] = {}
-    for pair in result.pairs:
-        task = pair.task
-        files[task.stem] = save_cka_matrix(
-            os.path.join(folder, task.stem),
-            pair.matrix.numpy(),
-            pair.rows,
-            pair.columns,
-            task.model_x.label,
-            task.model_y.label,
-            pair_title(pair, image_count),
-            metadata={
-                "cka_type": task.cka_type,
-                "estimator": task.kernel.estimator,
-                "depth": task.depth,
-                "conv_only": task.conv_only,
-            },
-        )
-
-    record_path = os.path.join(folder, RECORD_NAME)
-    record = _json_safe(_record(result, files, list(argv or []), cache_dir))
-    with _atomic_path(record_path) as partial, open(partial, "w") as handle:
-        json.dump(record, handle, indent=2)
-        handle.write("\n")
-    files["record"] = [record_path]
+        with _interrupts_deferred():
+            for paths in files.values():
+                for path in paths:
+                    os.replace(os.path.join(staging, os.path.basename(path)), path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return files

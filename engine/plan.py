@@ -7,8 +7,10 @@ as a UsageError whose message names the flag, the value and the fix.
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 
 from cka import MIN_EXAMPLES
@@ -160,15 +162,20 @@ class RunPlan:
         return list(ordered)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _expand(flag: str, values: Sequence, pairs: int) -> list:
     """Broadcast a per-pair list flag: one value for all pairs, or one per pair."""
     if len(values) == 1:
         return list(values) * pairs
     if len(values) == pairs:
         return list(values)
+    hint = " To run every pair at several depths, add --compare_all 1." if flag == "layers_depth" else ""
     raise UsageError(
-        f"--{flag} got {len(values)} values but the run has {pairs} pairs; "
-        f"give 1 value for every pair or {pairs} values, one per pair"
+        f"--{flag} got {_count(len(values), 'value')} but the run has {_count(pairs, 'pair')}; "
+        f"give 1 value for every pair or {pairs} values, one per pair.{hint}"
     )
 
 
@@ -211,8 +218,24 @@ def _check_options(options: RunOptions) -> None:
     for cka_type in options.CKA_type:
         if cka_type not in CKA_TYPES:
             raise UsageError(f"--CKA_type must be kernel_CKA or linear_CKA, got {cka_type!r}")
-    if not options.rbf_sigma > 0:
-        raise UsageError(f"--rbf_sigma must be positive, got {options.rbf_sigma}")
+    if not (options.rbf_sigma > 0 and math.isfinite(options.rbf_sigma)):
+        raise UsageError(f"--rbf_sigma must be a positive finite number, got {options.rbf_sigma}")
+    if not 0 <= options.seed < 2**63:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {options.seed}")
+    if "kernel_CKA" in options.CKA_type and options.batch_size < 3:
+        raise UsageError(
+            f"--batch_size {options.batch_size} is too small for kernel_CKA: with 2 images the "
+            "median-distance bandwidth makes every layer's kernel the same; use 3 or more"
+        )
+    if options.hsic == "unbiased" and options.batch_size < 10:
+        logger.warning(
+            "batches of %d images give noisy unbiased HSIC estimates and CKA values can fall "
+            "well below 0; 32 or more images per batch are better",
+            options.batch_size,
+        )
+    for size in options.input_shape:
+        if 0 < size < 16:
+            logger.warning("--input_shape %d is tiny: most layers see almost no image", size)
     if options.num_workers < 0:
         raise UsageError(f"--num_workers must be 0 or more, got {options.num_workers}")
 
@@ -254,17 +277,45 @@ def _resolve_device(device: int) -> str:
 
 
 def _check_output_folder(path: str) -> None:
-    """Raise UsageError unless ``path`` exists as a writable folder or can be created."""
+    """Raise UsageError unless ``path`` is a writable folder or can be created as one.
+
+    Nothing is created: a test file is written and removed in ``path`` or in its
+    nearest existing parent, because ``os.access`` says yes to root even where writes
+    fail (``/proc``, read-only mounts).
+    """
+    if not path:
+        raise UsageError("--output_path is empty; give a folder such as ./output")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--output_path {path} is a file, not a folder; choose another path")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(existing)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
         raise UsageError(
-            f"--output_path {path} cannot be written: {existing} is not a writable folder; "
+            f"--output_path {path} cannot be written ({type(error).__name__} in {existing}); "
             "choose a folder you can write to"
-        )
+        ) from error
+
+
+def _expand_user_paths(options: RunOptions) -> RunOptions:
+    """Expand ``~`` in every path option, which a quoted shell argument leaves as is."""
+    def expand(path):
+        return None if path is None else os.path.expanduser(path)
+
+    return dataclasses.replace(
+        options,
+        output_path=expand(options.output_path),
+        dataset=expand(options.dataset),
+        data_root=expand(options.data_root),
+        cache_dir=expand(options.cache_dir),
+        weights=None if options.weights is None else [expand(path) for path in options.weights],
+        compare_weights=None if options.compare_weights is None else [expand(path) for path in options.compare_weights],
+    )
 
 
 def _library(options: RunOptions) -> str:
@@ -324,7 +375,7 @@ def _pairs(options: RunOptions) -> list[tuple[_Side, _Side]]:
     compare = options.compare_models_names
     if compare is not None and len(compare) != len(names):
         raise UsageError(
-            f"--compare_models_names got {len(compare)} names for {len(names)} "
+            f"--compare_models_names got {_count(len(compare), 'name')} for {len(names)} "
             "--models_names; give one per model, or omit it to compare each model with itself"
         )
     if compare is None and options.compare_weights is None:
@@ -364,10 +415,11 @@ def _file_stem(task: PairTask) -> str:
 
 def _unique_stems(tasks: list[PairTask]) -> list[PairTask]:
     """Give every task a distinct file stem, adding the CKA type and then a counter."""
-    stems = [_file_stem(task) for task in tasks]
-    for index, task in enumerate(tasks):
-        if stems.count(stems[index]) > 1:
-            stems[index] = f"{stems[index]}_{task.cka_type}"
+    plain = [_file_stem(task) for task in tasks]
+    stems = [
+        f"{stem}_{task.cka_type}" if plain.count(stem) > 1 else stem
+        for stem, task in zip(plain, tasks)
+    ]
     seen: dict[str, int] = {}
     unique = []
     for task, stem in zip(tasks, stems):
@@ -388,7 +440,8 @@ def build_plan(options: RunOptions) -> RunPlan:
     if not options.models_names:
         raise UsageError("--models_names needs at least one model name")
     _check_options(options)
-    kernel_range = _kernel_range(options)
+    options = _expand_user_paths(options)
+    kernel_range = _kernel_range(options) if options.conv_only else (3, 100)
     _check_output_folder(options.output_path)
     library = _library(options)
 

@@ -44,6 +44,11 @@ __all__ = ["PairResult", "PreparedModel", "RunResult", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
+_INPUT_SIZE_HINT = (
+    "Choose another --input_shape (most models need 32 pixels or more, alexnet 64, "
+    "inception_v3 75, vision transformers a multiple of their patch size, maxvit_t 224)"
+)
+
 # Images in the trial forward pass that orders the layers. With two, an output whose first
 # dimension is not the batch can be detected.
 _TRACE_IMAGES = 2
@@ -102,6 +107,15 @@ class PairResult:
     columns: list[str]
     depth_x: int
     depth_y: int
+
+    @property
+    def title(self) -> str:
+        """The task's title, with the depths used when clamping changed them."""
+        task = self.task
+        if task.conv_only or task.depth == self.depth_x == self.depth_y:
+            return task.title
+        used = f"{self.depth_x}" if self.depth_x == self.depth_y else f"{self.depth_x} and {self.depth_y}"
+        return f"{task.title} (depth used: {used})"
 
     @property
     def nan_cells(self) -> int:
@@ -188,9 +202,8 @@ def _trace(module: nn.Module, spec: ModelSpec, images: ImageSet, normalizer, key
         calls = trace_calls(module, trace_inputs)
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
         raise ModelLoadError(
-            f"{spec.name} rejected a {spec.input_size}x{spec.input_size} input: {error}. "
-            "Choose another --input_shape (most models need 32 pixels or more, "
-            "inception_v3 75, vision transformers a multiple of their patch size)"
+            f"{spec.name} rejected a {spec.input_size}x{spec.input_size} input: {str(error).rstrip('.!')}. "
+            f"{_INPUT_SIZE_HINT}"
         ) from error
     cache.put_json(key, "trace", [[record.module_name, record.call, record.output_shape] for record in calls])
     return calls
@@ -211,7 +224,16 @@ def prepare_model(
         UsageError: when a requested scope selects no layer.
     """
     options = plan.options
-    module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
+    try:
+        module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
+    except ModelLoadError:
+        raise
+    except (AssertionError, ValueError, RuntimeError) as error:
+        # Transformers check their input size when they are built.
+        raise ModelLoadError(
+            f"{spec.name} cannot be built for a {spec.input_size}x{spec.input_size} input: "
+            f"{type(error).__name__}: {str(error).rstrip('.!')}. {_INPUT_SIZE_HINT}"
+        ) from error
     preprocessing = input_spec(spec.library, spec.name, spec.input_size)
     preprocessing = dataclasses.replace(preprocessing, size=spec.input_size)
     normalizer = Normalizer(
@@ -237,6 +259,7 @@ def prepare_model(
         if not selection.layers:
             raise _empty_selection_error(spec, module, scope, plan, selection)
         selections[scope] = selection
+    _log_dropped(spec, selections)
 
     layers = union_of_layers(calls, selections.values())
     position = {(layer.module_name, layer.call): index for index, layer in enumerate(layers)}
@@ -247,6 +270,22 @@ def prepare_model(
     settings = list(dict.fromkeys(task.kernel for task in tasks))
     settings_keys = [fingerprint(dataclasses.asdict(entry)) for entry in settings]
     return PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, settings_keys)
+
+
+def _log_dropped(spec: ModelSpec, selections: dict) -> None:
+    """Warn once per model about selected modules that give no layer."""
+    dropped = {}
+    for selection in selections.values():
+        for name, reason in selection.dropped.items():
+            if not reason.startswith(("output layer removed", "ModuleList", "ModuleDict")):
+                dropped[name] = reason
+    if dropped:
+        examples = ", ".join(list(dropped)[:3])
+        logger.warning(
+            "%s: %d selected module(s) left out because they never ran or return no usable "
+            "tensor (%s%s); run_record.json lists each with its reason",
+            spec.label, len(dropped), examples, ", ..." if len(dropped) > 3 else "",
+        )
 
 
 def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tensor:

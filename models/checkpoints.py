@@ -8,6 +8,7 @@ code. Keys saved from ``nn.DataParallel`` or DistributedDataParallel lose their
 """
 
 import os
+import pickle
 from collections.abc import Callable, Mapping
 
 import torch
@@ -60,9 +61,13 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # each format raises its own types for a damaged file
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "it contains pickled objects other than tensors, or it is damaged"
+        else:
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0]}. "
-            "Save a state dict with torch.save(model.state_dict(), path) or safetensors"
+            f"cannot read checkpoint {path}: {reason}. Save a state dict with "
+            "torch.save(model.state_dict(), path) or safetensors"
         ) from error
 
     if isinstance(content, Mapping) and not _is_state_dict(content):

@@ -73,7 +73,8 @@ class LayerSelection:
     Attributes:
         layers: compared layers in execution order.
         dropped: ``{layer or module name: reason}`` for selected modules that give no
-            usable layer, and for the removed output layer.
+            usable layer, for containers replaced by their children, and for the removed
+            output layer.
         depth: depth actually used: the requested one, or the model's deepest level
             when the request was deeper; -1 for leaves and for ``conv_only``.
     """
@@ -202,6 +203,33 @@ def _candidate_modules(
     return names
 
 
+def _expand_uncalled_containers(
+    model: nn.Module, names: list[str], called: set[str], include_parameter_free: bool
+) -> tuple[list[str], dict[str, str]]:
+    """Replace each ModuleList or ModuleDict that never runs by its children, recursively.
+
+    Such containers only hold modules that their parent calls one by one, so the depth
+    they sit at would otherwise select nothing there.
+    """
+    modules = dict(model.named_modules())
+    expanded: list[str] = []
+    replaced: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        module = modules[name]
+        if name in called or not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            expanded.append(name)
+            return
+        replaced[name] = f"{type(module).__name__} that never runs itself: its children are compared"
+        for child_name, child in module.named_children():
+            if include_parameter_free or _owns_parameters(child):
+                visit(f"{name}.{child_name}")
+
+    for name in names:
+        visit(name)
+    return expanded, replaced
+
+
 def _batch_dimension_mismatch(shape: tuple[int, ...], batch_size: int) -> bool:
     return len(shape) == 0 or shape[0] != batch_size
 
@@ -298,7 +326,10 @@ def select_layers(
             depth = deepest
 
     candidates = _candidate_modules(model, depth, conv_only, kernel_range, include_parameter_free)
+    called = {record.module_name for record in calls}
+    candidates, replaced = _expand_uncalled_containers(model, candidates, called, include_parameter_free)
     layers, dropped = layers_of_modules(model, calls, candidates, batch_size)
+    dropped.update(replaced)
 
     if remove_output_layer and not conv_only and layers:
         output_layer = layers.pop()

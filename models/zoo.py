@@ -14,6 +14,7 @@ import difflib
 import functools
 import logging
 import os
+import pickle
 import urllib.error
 import warnings
 
@@ -204,12 +205,13 @@ def _construct(library: str, name: str, pretrained: bool, size: int, classes: in
     """Build a model; ``classes`` overrides the class count of a random initialisation."""
     if library == "pretrainedmodels":
         module = _pretrainedmodels()
-        if not pretrained:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with warnings.catch_warnings():
+            # Its torchvision-based models pass the deprecated pretrained= argument.
+            warnings.simplefilter("ignore")
+            if not pretrained:
                 return module.__dict__[name](num_classes=classes or 1000, pretrained=None)
-        settings = _pretrainedmodels_settings(name)
-        return module.__dict__[name](num_classes=settings["num_classes"], pretrained=settings["key"])
+            settings = _pretrainedmodels_settings(name)
+            return module.__dict__[name](num_classes=settings["num_classes"], pretrained=settings["key"])
 
     if library == "timm":
         import timm
@@ -294,6 +296,13 @@ def build_model(
     try:
         with _weights_only_loading():
             model = _construct(library, name, True, size)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        location = weights_file(library, name)[1]
+        raise ModelLoadError(
+            f"the cached pretrained weights of {name} ({location}) are damaged or not a plain "
+            f"weights file ({type(error).__name__}). Delete the file and run again while "
+            "online, or copy the right file there"
+        ) from error
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
         raise ModelLoadError(
             f"could not download the pretrained weights of {name} "

@@ -42,8 +42,10 @@ def plot_cka_heatmap(
     """Draw a CKA matrix as a heatmap and return the figure.
 
     Row 0 sits at the bottom and column 0 at the left, so the diagonal of a
-    self-comparison runs from the lower left to the upper right. Colours span [0, 1].
-    NaN cells are grey, and the colour bar label counts them when there are any. When an axis
+    self-comparison runs from the lower left to the upper right. Colours span [0, 1]:
+    negative values (possible with the unbiased estimator) are drawn as 0, with an arrow
+    on the colour bar and the minimum in its label. NaN cells are grey, and the colour bar
+    label counts them when there are any. When an axis
     has more than 40 layers, every k-th tick label is shown.
 
     Args:
@@ -77,12 +79,19 @@ def plot_cka_heatmap(
         aspect="auto",
         interpolation="nearest",
     )
-    colour_bar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
+    finite = matrix[np.isfinite(matrix)]
+    below_zero = finite.size > 0 and finite.min() < 0
+    colour_bar = figure.colorbar(
+        image, ax=axes, fraction=0.05, pad=0.02, extend="min" if below_zero else "neither"
+    )
+    notes = []
+    if below_zero:
+        # The unbiased estimator goes below 0 for unrelated layers and small batches.
+        notes.append(f"values down to {finite.min():.2f} drawn as 0")
     nan_cells = int(np.isnan(matrix).sum())
-    bar_label = "CKA"
     if nan_cells:
-        bar_label += f"  (grey: {nan_cells} undefined cells, constant layer)"
-    colour_bar.set_label(bar_label)
+        notes.append(f"grey: {nan_cells} undefined cells")
+    colour_bar.set_label("CKA" + (f"  ({'; '.join(notes)})" if notes else ""))
 
     font_size = 8 if max(rows, columns) <= _MAX_TICKS else 6
     x_ticks = _tick_positions(columns)

@@ -128,3 +128,57 @@ def test_normalizer_matches_transform():
 
     expected = (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(normalised, expected, atol=1e-5)
+
+
+def test_sixteen_bit_grayscale_keeps_its_contrast(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+
+    image = open_images(str(tmp_path), 1)[0]
+    pixels = np.asarray(image)
+
+    assert image.mode == "RGB"
+    assert pixels.min() == 0
+    assert pixels.max() == 255
+    assert 100 < pixels.mean() < 155
+
+
+def test_non_image_file_is_named_before_the_run(tmp_path):
+    _write_images(tmp_path, 4)
+    (tmp_path / "class0" / "notes.jpg").write_text("not an image")
+
+    with pytest.raises(DatasetError, match=r"cannot read the image file .*notes.jpg .*remove or replace it"):
+        open_images(str(tmp_path), 5)
+
+
+def test_truncated_image_is_named_when_loaded(tmp_path):
+    _write_images(tmp_path, 4)
+    path = tmp_path / "class0" / "image0.png"
+    path.write_bytes(path.read_bytes()[:45])  # the header survives, the pixel data does not
+    images = open_images(str(tmp_path), 4)
+
+    with pytest.raises(DatasetError, match=r"cannot read the image file .*image0.png"):
+        for position in range(4):
+            images.resized(position, 8)
+
+
+def test_dataset_needing_other_arguments():
+    with pytest.raises(DatasetError, match="--dataset FakeData cannot be used"):
+        open_images("FakeData", 4)
+
+
+def test_dataset_path_to_a_file(tmp_path):
+    _write_images(tmp_path, 1)
+
+    with pytest.raises(DatasetError, match="is a file; give the folder"):
+        open_images(str(tmp_path / "class0" / "image0.png"), 1)
+
+
+def test_loaders_survive_pickling(tmp_path):
+    import pickle
+
+    _write_images(tmp_path, 4)
+
+    for images in (open_images("sample_photos", 3), open_images(str(tmp_path), 3)):
+        copy = pickle.loads(pickle.dumps(images))
+        assert np.array_equal(np.asarray(copy[1]), np.asarray(images[1]))

@@ -120,24 +120,44 @@ def test_conv_only_ignores_depth_with_warning(tmp_path, caplog):
     [
         ({"layers_depth": [0]}, "--layers_depth 0 is invalid"),
         ({"layers_depth": [-2]}, "--layers_depth -2 is invalid"),
-        ({"kernel_size": [5, 3]}, r"--kernel_size 5 3 is an empty range.*--kernel_size 3 5"),
-        ({"kernel_size": [1, 3, 5]}, "--kernel_size takes 1 value .* or 2 .*, got 3"),
-        ({"kernel_size": [0]}, "--kernel_size values must be at least 1"),
+        ({"conv_only": 1, "kernel_size": [5, 3]}, r"--kernel_size 5 3 is an empty range.*--kernel_size 3 5"),
+        ({"conv_only": 1, "kernel_size": [1, 3, 5]}, "--kernel_size takes 1 value .* or 2 .*, got 3"),
+        ({"conv_only": 1, "kernel_size": [0]}, "--kernel_size values must be at least 1"),
+        ({"seed": -1}, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
+        ({"rbf_sigma": float("inf")}, "--rbf_sigma must be a positive finite number, got inf"),
+        ({"batch_size": 2, "hsic": "biased"}, "--batch_size 2 is too small for kernel_CKA"),
+        ({"output_path": ""}, "--output_path is empty"),
+        ({"output_path": "/proc/cka_output"}, r"--output_path /proc/cka_output cannot be written"),
         ({"batch_size": 3}, "--batch_size 3 is too small: the unbiased HSIC estimator needs at least 4"),
         ({"batch_size": 1, "hsic": "biased"}, "the biased HSIC estimator needs at least 2"),
         ({"dataloader_size": 0}, "--dataloader_size must be at least 1"),
         ({"pretrained": [2]}, "--pretrained must be 0 or 1, got 2"),
         ({"compare_all": 5}, "--compare_all must be 0 or 1, got 5"),
         ({"input_shape": [0]}, "--input_shape must be a positive number of pixels"),
-        ({"rbf_sigma": 0.0}, "--rbf_sigma must be positive"),
+        ({"rbf_sigma": 0.0}, "--rbf_sigma must be a positive finite number"),
         ({"device": -3}, "--device must be -1"),
         ({"compare_models_names": ["vgg11", "alexnet"]}, "--compare_models_names got 2 names for 1"),
+        ({"layers_depth": [1, 2]}, r"got 2 values but the run has 1 pair; .* add --compare_all 1"),
         ({"models_names": []}, "--models_names needs at least one model name"),
     ],
 )
 def test_usage_errors(tmp_path, overrides, message):
     with pytest.raises(UsageError, match=message):
         _plan(tmp_path, **overrides)
+
+
+def test_kernel_size_ignored_without_conv_only(tmp_path):
+    plan = _plan(tmp_path, kernel_size=[5, 3])
+
+    assert plan.kernel_range == (3, 100)
+
+
+def test_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    plan = _plan(tmp_path, output_path="~/results")
+
+    assert plan.options.output_path == str(tmp_path / "results")
 
 
 def test_unknown_model_suggests_close_names(tmp_path):

@@ -1,0 +1,189 @@
+"""The kernel cache, resuming after a kill, and splitting batches among torchrun ranks."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from main_feat_maps import EXIT_INTERRUPTED, main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BASE = ["--torchvision", "1", "--pretrained", "0", "--dataset", "sample_photos", "--device", "-1",
+        "--no_progress", "--CKA_type", "linear_CKA"]
+
+
+def _run(tmp_path, name, *arguments):
+    output = tmp_path / name
+    status = main([*BASE, "--output_path", str(output), "--cache_dir", str(tmp_path / "cache"), *arguments])
+    assert status == 0
+    record = json.loads((output / "run_record.json").read_text())
+    return output, {model["label"]: model["batches_from_cache"] for model in record["models"]}
+
+
+def _matrices(output):
+    return {path.name: np.load(path)["cka"] for path in sorted(output.glob("*.npz"))}
+
+
+SMALL = ["--models_names", "resnet18", "--input_shape", "32", "--batch_size", "4", "--dataloader_size", "2",
+         "--layers_depth", "1"]
+
+
+def test_rerun_reads_every_batch_from_cache(tmp_path):
+    first, cached_first = _run(tmp_path, "first", *SMALL)
+    second, cached_second = _run(tmp_path, "second", *SMALL)
+
+    assert cached_first == {"resnet18": []}
+    assert cached_second == {"resnet18": [0, 1]}
+    for name, matrix in _matrices(first).items():
+        assert np.array_equal(matrix, _matrices(second)[name])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--seed", "1"],
+        ["--input_shape", "40"],
+        ["--batch_size", "5"],
+        ["--CKA_type", "kernel_CKA"],
+        ["--hsic", "biased"],
+        ["--dataset", "FOLDER"],
+    ],
+    ids=["seed", "input-size", "batch-size", "kernel", "estimator", "images"],
+)
+def test_changing_a_key_input_recomputes(tmp_path, change):
+    if change == ["--dataset", "FOLDER"]:
+        from PIL import Image
+
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for index in range(8):
+            Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        change = ["--dataset", str(folder)]
+    _run(tmp_path, "first", *SMALL)
+
+    _, cached = _run(tmp_path, "changed", *SMALL, *change)
+
+    assert cached == {"resnet18": []}
+
+
+def test_changed_weights_file_recomputes(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(1)
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    torch.save(model.state_dict(), weights)
+    _run(tmp_path, "first", *SMALL, "--weights", str(weights))
+    with torch.no_grad():
+        model.conv1.weight.mul_(2.0)
+    torch.save(model.state_dict(), weights)
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+
+    _, cached = _run(tmp_path, "second", *SMALL, "--weights", str(weights))
+
+    assert cached == {"resnet18-weights": []}
+
+
+def test_added_model_reuses_earlier_kernels(tmp_path):
+    common = ["--input_shape", "32", "--batch_size", "4", "--dataloader_size", "2", "--layers_depth", "1",
+              "--compare_all", "1"]
+    first, _ = _run(tmp_path, "first", "--models_names", "resnet18", *common)
+
+    second, cached = _run(tmp_path, "second", "--models_names", "resnet18", "squeezenet1_1", *common)
+
+    assert cached == {"resnet18": [0, 1], "squeezenet1_1": []}
+    assert np.array_equal(
+        _matrices(first)["depth_1_resnet18_vs_resnet18.npz"], _matrices(second)["depth_1_resnet18_vs_resnet18.npz"]
+    )
+    assert "depth_1_squeezenet1_1_vs_resnet18.npz" in _matrices(second)
+
+
+RESUMABLE = ["--models_names", "resnet34", "--compare_models_names", "resnet18", "--input_shape", "96",
+             "--batch_size", "8", "--dataloader_size", "10", "--layers_depth", "2"]
+
+
+def _command(output, cache, *extra):
+    return [sys.executable, str(ROOT / "main_feat_maps.py"), *BASE, *RESUMABLE, "--output_path", str(output),
+            "--cache_dir", str(cache), *extra]
+
+
+def _environment(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(temporary), "TORCH_HOME": str(tmp_path / "torch_home")}
+
+
+def _start_and_stop_after_first_batch(tmp_path, cache, output, stop_signal):
+    process = subprocess.Popen(_command(output, cache), env=_environment(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("*/*/batch*.npz")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_stopped_run_resumes_to_same_files(tmp_path, stop_signal):
+    reference = tmp_path / "reference"
+    completed = subprocess.run(_command(reference, tmp_path / "unused", "--cache", "0"),
+                               env=_environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    cache, output = tmp_path / "cache", tmp_path / "out"
+
+    status, stderr = _start_and_stop_after_first_batch(tmp_path, cache, output, stop_signal)
+
+    entries = list(cache.glob("*/*/batch*"))
+    assert 0 < len(entries) < 20, "the run was not stopped part-way"
+    assert not [entry for entry in entries if not entry.name.endswith(".npz")], "a partial file was left"
+    assert not output.exists()
+    if stop_signal == signal.SIGINT:
+        assert status == EXIT_INTERRUPTED
+        assert "interrupted before any file was written" in stderr
+        assert not list((tmp_path / "tmp").iterdir()), "a temporary folder was left"
+
+    resumed = subprocess.run(_command(output, cache), env=_environment(tmp_path),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((output / "run_record.json").read_text())
+    assert record["models"][0]["batches_from_cache"]
+    expected = _matrices(reference)
+    assert _matrices(output).keys() == expected.keys()
+    for name, matrix in _matrices(output).items():
+        assert np.array_equal(matrix, expected[name]), name
+    for csv in reference.glob("*.csv"):
+        assert (output / csv.name).read_text() == csv.read_text()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    arguments = [*BASE, "--models_names", "resnet18", "resnet34", "--compare_all", "1", "--input_shape", "32",
+                 "--batch_size", "4", "--dataloader_size", "5", "--layers_depth", "2", "--cache", "0"]
+    environment = _environment(tmp_path)
+    single = subprocess.run([sys.executable, str(ROOT / "main_feat_maps.py"), *arguments,
+                             "--output_path", str(tmp_path / "single")],
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+
+    ranks = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "main_feat_maps.py"), *arguments, "--output_path", str(tmp_path / "ranks")],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+
+    assert ranks.returncode == 0, ranks.stderr
+    record = json.loads((tmp_path / "ranks" / "run_record.json").read_text())
+    assert record["processes"] == 2
+    expected = _matrices(tmp_path / "single")
+    assert len(expected) == 3
+    for name, matrix in _matrices(tmp_path / "ranks").items():
+        assert np.allclose(matrix, expected[name], rtol=0, atol=1e-6), name

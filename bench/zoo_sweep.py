@@ -84,14 +84,15 @@ def one_line(error: BaseException) -> str:
 def is_size_rejection(error: BaseException, size: int) -> bool:
     """Return whether ``error`` means that the model cannot take a ``size`` pixel input.
 
-    The engine raises ModelLoadError naming the size when the traced forward pass fails.
-    torchvision's ViT and MaxViT take the size as a constructor argument and raise there
-    (AssertionError, ValueError), and ``models.build_model`` lets those errors through
-    unchanged, so an error raised inside ``build_model`` also counts.
+    The engine raises ModelLoadError naming the size ("rejected a 32x32 input" when the
+    traced forward pass fails, "cannot be built for a 32x32 input" when the constructor
+    of a ViT or MaxViT raises). An engine that lets those constructor errors
+    (AssertionError, ValueError) through ``models.build_model`` unchanged is handled too:
+    an error raised inside ``build_model`` also counts.
     """
     from models import ModelLoadError
 
-    if isinstance(error, ModelLoadError) and f"rejected a {size}x{size} input" in str(error):
+    if isinstance(error, ModelLoadError) and f"{size}x{size} input" in str(error):
         return True
     zoo_file = os.path.join("models", "zoo.py")
     frames = traceback.extract_tb(error.__traceback__)
@@ -339,6 +340,19 @@ def worker_main(connection) -> None:
     # The parent handles Ctrl-C and stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="    %(levelname)s %(name)s: %(message)s")
+    # Every model's run repeats the same engine warnings, such as the one about batches of
+    # 4 images, so each distinct message is printed once per worker process.
+    printed: set[str] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in printed:
+            return False
+        printed.add(message)
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(first_time)
     warm_up()
     connection.send(("ready", None))
     while True:
@@ -702,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = selected
 
     invocation = describe_invocation([sys.argv[0], *argv], sizes)
-    print(f"sweeping {len(todo)} models; results in {results_path}, table in {output}", flush=True)
+    noun = "model" if len(todo) == 1 else "models"
+    print(f"sweeping {len(todo)} {noun}; results in {results_path}, table in {output}", flush=True)
     worker = Worker()
     sweep_start = time.perf_counter()
     try:

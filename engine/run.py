@@ -69,6 +69,7 @@ class PreparedModel:
         key: cache key of its kernels.
         settings_keys: cache key of each entry of ``settings``.
         cached_batches: batches of this rank read from the cache instead of computed.
+        build_seconds: time spent building the model and loading its weights.
     """
 
     spec: ModelSpec
@@ -81,6 +82,7 @@ class PreparedModel:
     key: str
     settings_keys: list[str]
     cached_batches: list[int] = dataclasses.field(default_factory=list)
+    build_seconds: float = 0.0
 
     @property
     def layer_names(self) -> list[str]:
@@ -224,6 +226,7 @@ def prepare_model(
         UsageError: when a requested scope selects no layer.
     """
     options = plan.options
+    build_start = time.perf_counter()
     try:
         module = build_model(spec.library, spec.name, spec.pretrained, spec.input_size, spec.seed, spec.weights)
     except ModelLoadError:
@@ -234,6 +237,7 @@ def prepare_model(
             f"{spec.name} cannot be built for a {spec.input_size}x{spec.input_size} input: "
             f"{type(error).__name__}: {str(error).rstrip('.!')}. {_INPUT_SIZE_HINT}"
         ) from error
+    build_seconds = time.perf_counter() - build_start
     preprocessing = input_spec(spec.library, spec.name, spec.input_size)
     preprocessing = dataclasses.replace(preprocessing, size=spec.input_size)
     normalizer = Normalizer(
@@ -269,7 +273,9 @@ def prepare_model(
     }
     settings = list(dict.fromkeys(task.kernel for task in tasks))
     settings_keys = [fingerprint(dataclasses.asdict(entry)) for entry in settings]
-    return PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, settings_keys)
+    prepared = PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, settings_keys)
+    prepared.build_seconds = build_seconds
+    return prepared
 
 
 def _log_dropped(spec: ModelSpec, selections: dict) -> None:
@@ -445,6 +451,7 @@ def run_plan(
             prepared[spec] = prepare_model(spec, tasks, images, plan, cache, device)
             logger.info("%s: %d layers hooked", spec.label, len(prepared[spec].layers))
         timings["prepare_s"] = time.perf_counter() - start
+        timings["build_s"] = sum(model.build_seconds for model in prepared.values())
 
         models = list(prepared.values())
         for index, model in enumerate(models):

@@ -25,6 +25,7 @@ from models import KernelRecorder, LayerInfo, layers_of_modules, select_layers, 
 from plotting import plot_cka_heatmap
 
 from .outputs import save_cka_matrix
+from .run import log_undefined_layers
 
 __all__ = ["Comparison", "compare_models"]
 
@@ -254,7 +255,7 @@ def compare_models(
 
     if layers is None:
         raise ValueError("no batches were given")
-    return Comparison(
+    comparison = Comparison(
         matrix=accumulator.compute(),
         rows=[layer.name for layer in layers[0]],
         columns=[layer.name for layer in layers[1]],
@@ -264,3 +265,5 @@ def compare_models(
         estimator=estimator,
         examples=examples,
     )
+    log_undefined_layers(comparison.matrix, comparison.rows, comparison.columns, comparison.name_x, comparison.name_y)
+    return comparison

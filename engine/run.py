@@ -40,7 +40,7 @@ from .distributed import DistributedContext, all_reduce_sum
 from .plan import KernelSettings, ModelSpec, PairTask, RunPlan, UsageError
 from .store import ScratchStore
 
-__all__ = ["PairResult", "PreparedModel", "RunResult", "run_plan"]
+__all__ = ["PairResult", "PreparedModel", "RunResult", "log_undefined_layers", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +396,22 @@ def compare_pairs(
     return accumulators
 
 
+def log_undefined_layers(matrix: torch.Tensor, rows: list[str], columns: list[str], name_x: str, name_y: str) -> None:
+    """Warn about layers whose every CKA value is NaN: constant over the images."""
+    undefined = torch.isnan(matrix)
+    if not undefined.any():
+        return
+    row_names = [name for name, empty in zip(rows, undefined.all(dim=1).tolist()) if empty]
+    column_names = [name for name, empty in zip(columns, undefined.all(dim=0).tolist()) if empty]
+    for model, names in ((name_x, row_names), (name_y, column_names)):
+        if names:
+            logger.warning(
+                "%s: %d layer(s) give the same kernel for every image, so their CKA is undefined "
+                "(NaN, grey in the heatmap): %s",
+                model, len(names), ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""),
+            )
+
+
 def _sum_over_ranks(accumulators: list[MinibatchCKA], context: DistributedContext) -> None:
     """Replace every accumulator's sums by their total over all ranks, in one all-reduce."""
     if context.world_size <= 1:
@@ -490,5 +506,8 @@ def run_plan(
                 depth_y=selection_y.depth,
             )
         )
+    if context.is_main:
+        for pair in pairs:
+            log_undefined_layers(pair.matrix, pair.rows, pair.columns, pair.task.model_x.label, pair.task.model_y.label)
     timings["total_s"] = time.perf_counter() - start
     return RunResult(plan, images, pairs, models, timings, context)

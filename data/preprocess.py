@@ -4,8 +4,10 @@ The two steps are apart so that models with the same input size share the resize
 batches, and only the cheap normalisation runs once per model, on its device.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as functional
 from PIL import Image
@@ -87,8 +89,17 @@ class _ResizedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return functional.pil_to_tensor(self.images.resized(index, self.size))
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self.images.resized(index, self.size))
+
+
+def _stack_channels_first(images: list[np.ndarray]) -> torch.Tensor:
+    """Stack ``(S, S, 3)`` uint8 arrays into one ``(B, 3, S, S)`` tensor.
+
+    Stacking the arrays as they are and permuting the whole batch once is much faster
+    than stacking per-image channel-first views.
+    """
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def resized_batches(
@@ -113,9 +124,11 @@ def resized_batches(
     """
     dataset = _ResizedImages(images, size)
     if batch_indices is None:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        batch_indices = range(math.ceil(len(images) / batch_size))
     sampler = [
         list(range(index * batch_size, min((index + 1) * batch_size, len(images))))
         for index in batch_indices
     ]
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_stack_channels_first
+    )

@@ -15,8 +15,9 @@ the root, so that ``import cka`` finds pytorch-cka. For example:
         --batch_size 64 --kernel linear --out pytorch-cka.npz
 
 The output .npz contains ``cka`` (rows are the first model's layers, columns the second's),
-``cka_seconds``, ``peak_rss_kib`` and the run's settings. Exit status 3 means that the peer
-does not implement the requested kernel.
+``cka_seconds``, ``peak_rss_kib``, ``rss_kib_before_cka`` (the RSS right before the timed
+part) and the run's settings. Exit status 3 means that the peer does not implement the
+requested kernel.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import os
 import resource
 import sys
 import time
@@ -356,6 +358,13 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def current_rss_kib() -> int:
+    """Return the process's resident set size now, in KiB, from ``/proc/self/statm``."""
+    with open("/proc/self/statm", encoding="ascii") as file:
+        resident_pages = int(file.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     peer = PEERS[args.peer]
@@ -378,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=False)
 
     rss_before = peak_rss_kib()
+    current_rss_before = current_rss_kib()
     start = time.perf_counter()
     matrix = peer.run(model_x, model_y, layers_x, layers_y, loader, args.kernel)
     seconds = time.perf_counter() - start
@@ -389,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cka_seconds=seconds,
         peak_rss_kib=rss_after,
         peak_rss_kib_before_cka=rss_before,
+        rss_kib_before_cka=current_rss_before,
         peer=args.peer,
         peer_version=importlib.metadata.version(peer.distribution),
         estimator=peer.estimator,

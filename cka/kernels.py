@@ -33,26 +33,51 @@ def shift_features(features: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(n, p)`` shifted features in float32, or float64 for float64 input.
     """
-    flat = features.detach().reshape(features.shape[0], -1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
+    flat = _flatten(features)
     return flat - flat[:1]
 
 
-def linear_gram(features: torch.Tensor) -> torch.Tensor:
-    """Compute the linear kernel ``K = X X^T`` of centered features.
+# Shift before the product when the batch mean carries more than 3/4 of the features'
+# energy: the float32 rounding error of an unshifted product, relative to the centered
+# kernel, grows as energy / centered energy, here at most 4 times float32's.
+_MIN_CENTERED_SHARE = 0.25
 
-    Centering does not change CKA (it double-centers the kernel anyway) but keeps the
-    float32 product accurate.
+
+def _flatten(features: torch.Tensor) -> torch.Tensor:
+    flat = features.detach().reshape(features.shape[0], -1)
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def linear_gram(features: torch.Tensor) -> torch.Tensor:
+    """Compute the linear kernel ``K = X X^T`` of a batch, accurate after centering.
+
+    CKA double-centers kernels, so any common shift of the examples leaves it
+    unchanged, but a large common offset costs a float32 product its digits. On the
+    CPU the product runs on the features as they are, which saves a copy of the
+    activation, and runs again on shifted features (``shift_features``) when the
+    centered part of the kernel holds less than a quarter of its trace: a large mean,
+    or a constant layer, which then comes out exactly zero. On GPUs the features are
+    always shifted, because the check would wait for the device at every layer and the
+    copy is cheap there.
 
     Args:
         features: ``(n, ...)`` representations of ``n`` examples.
 
     Returns:
-        ``(n, n)`` Gram matrix of the centered features.
+        ``(n, n)`` Gram matrix, float32 for float32 and half-precision input.
     """
-    centered = shift_features(features)
-    return centered @ centered.T
+    flat = _flatten(features)
+    if flat.device.type != "cpu":
+        shifted = flat - flat[:1]
+        return shifted @ shifted.T
+
+    gram = flat @ flat.T
+    total = torch.trace(gram).item()
+    centered = total - gram.sum(dtype=torch.float64).item() / gram.shape[0]
+    if centered >= _MIN_CENTERED_SHARE * total > 0:
+        return gram
+    shifted = flat - flat[:1]
+    return shifted @ shifted.T
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

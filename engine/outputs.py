@@ -145,6 +145,18 @@ def _nan_cells(result: PairResult) -> list[list[str]]:
     return [[result.rows[i], result.columns[j]] for i, j in zip(rows.tolist(), columns.tolist())]
 
 
+def _peak_memory(device: str) -> dict[str, float]:
+    """Return the process's peak resident memory and, on CUDA, peak allocated GPU memory, in MiB."""
+    import resource
+
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2
+    peak = {"resident_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)}
+    if device.startswith("cuda"):
+        peak["cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 1024**2, 1)
+    return peak
+
+
 def _device_description(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
@@ -223,6 +235,7 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cac
         "models": models,
         "pairs": pairs,
         "timings_s": {name: round(value, 3) for name, value in result.timings.items()},
+        "peak_memory": _peak_memory(plan.device),
     }
 
 

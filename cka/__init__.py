@@ -1,12 +1,12 @@
 """CKA estimators and accumulators.
 
 Pure tensor code that does not depend on models or datasets. The engine turns each
-layer's output into a kernel with ``cka.kernels``, packs it with ``hsic_vectors`` and sums
-every layer pair of a batch in ``MinibatchCKA``.
+layer's output into a Gram matrix with ``linear_gram``, packs the batch's kernels with
+``pack_grams`` and sums every layer pair of a batch in ``MinibatchCKA``.
 """
 
-from .accumulate import KERNELS, MinibatchCKA, layer_kernels, minibatch_cka
-from .hsic import MIN_EXAMPLES, center_kernels, hsic, hsic_vectors
+from .accumulate import KERNELS, MinibatchCKA, kernels_from_grams, layer_kernels, minibatch_cka, pack_grams
+from .estimators import MIN_EXAMPLES, center_kernels, hsic, hsic_vectors
 from .kernels import shift_features, linear_gram, rbf_from_gram, squared_distances
 
 __all__ = [
@@ -17,9 +17,11 @@ __all__ = [
     "center_kernels",
     "hsic",
     "hsic_vectors",
+    "kernels_from_grams",
     "layer_kernels",
     "linear_gram",
     "minibatch_cka",
+    "pack_grams",
     "rbf_from_gram",
     "squared_distances",
 ]

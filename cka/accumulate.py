@@ -8,10 +8,10 @@ from collections.abc import Iterable
 
 import torch
 
-from .hsic import hsic_vectors
+from .estimators import hsic_vectors
 from .kernels import linear_gram, rbf_from_gram
 
-__all__ = ["KERNELS", "MinibatchCKA", "layer_kernels", "minibatch_cka"]
+__all__ = ["KERNELS", "MinibatchCKA", "kernels_from_grams", "layer_kernels", "minibatch_cka", "pack_grams"]
 
 KERNELS = ("linear", "rbf")
 
@@ -97,23 +97,34 @@ class MinibatchCKA:
         return torch.where(defined, self.cross / safe, torch.full_like(denominator, float("nan")))
 
 
-def layer_kernels(
-    features: torch.Tensor, kernel: str = "linear", sigma: float = 1.0
-) -> torch.Tensor:
-    """Compute one layer's kernel matrix for a batch.
+def kernels_from_grams(grams: torch.Tensor, kernel: str = "linear", sigma: float = 1.0) -> torch.Tensor:
+    """Turn linear Gram matrices into the requested kernels, in float64.
 
     Args:
-        features: ``(n, ...)`` representations of ``n`` examples.
+        grams: ``(..., n, n)`` linear Gram matrices, as ``linear_gram`` returns.
         kernel: ``"linear"`` or ``"rbf"``.
         sigma: RBF bandwidth factor, relative to the median distance.
-
-    Returns:
-        ``(n, n)`` float64 kernel matrix.
     """
     if kernel not in KERNELS:
         raise ValueError(f"expected kernel 'linear' or 'rbf', got {kernel!r}")
-    gram = linear_gram(features).to(torch.float64)
-    return rbf_from_gram(gram, sigma) if kernel == "rbf" else gram
+    grams = grams.to(torch.float64)
+    return rbf_from_gram(grams, sigma) if kernel == "rbf" else grams
+
+
+def pack_grams(
+    grams: torch.Tensor, kernel: str = "linear", estimator: str = "unbiased", sigma: float = 1.0
+) -> torch.Tensor:
+    """Turn a batch's ``(layers, n, n)`` Gram matrices into ``MinibatchCKA.update`` input.
+
+    Returns:
+        ``(layers, T)`` float64 packed centered kernels (``hsic_vectors``).
+    """
+    return hsic_vectors(kernels_from_grams(grams, kernel, sigma), estimator)
+
+
+def layer_kernels(features: torch.Tensor, kernel: str = "linear", sigma: float = 1.0) -> torch.Tensor:
+    """Compute one layer's ``(n, n)`` float64 kernel matrix from its ``(n, ...)`` batch."""
+    return kernels_from_grams(linear_gram(features, for_distances=kernel == "rbf"), kernel, sigma)
 
 
 def minibatch_cka(

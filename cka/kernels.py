@@ -1,9 +1,9 @@
 """Kernel (Gram) matrices of layer representations.
 
 A representation is a tensor whose first dimension indexes examples; it is flattened to
-``(n, features)``. Every function here accepts float16, bfloat16, float32 and float64
-input. Half-precision input is upcast to float32 before any arithmetic, because its
-products overflow and its sums lose digits.
+``(n, features)``. ``shift_features`` and ``linear_gram`` upcast float16 and bfloat16 to
+float32 before any arithmetic, because half-precision products overflow and their sums
+lose digits.
 """
 
 import torch
@@ -16,31 +16,32 @@ __all__ = [
 ]
 
 
-def shift_features(features: torch.Tensor) -> torch.Tensor:
-    """Flatten a batch of representations and subtract the first example from every row.
+def shift_features(features: torch.Tensor, reference: int | torch.Tensor = 0) -> torch.Tensor:
+    """Flatten a batch of representations and subtract one of its examples from every row.
 
-    CKA only sees kernels after they are double-centered, and both HSIC estimators
-    are unchanged when every example moves by the same vector, so any reference point
-    will do. Subtracting an example, unlike subtracting the mean, is exact for a feature
-    that is constant over the batch, and usually exact for a large common offset
-    (Sterbenz's lemma). So a constant layer becomes exactly zero, which makes its CKA
-    NaN instead of a ratio of rounding errors, and float32 Gram products keep their
-    digits when features have a large mean.
+    CKA double-centers kernels, and both HSIC estimators ignore a common shift of the
+    examples, so any reference point will do. Subtracting an example is exact for a
+    feature that is constant over the batch, which makes a constant layer exactly zero.
+    An example near the batch's center keeps the most digits in a float32 product.
 
     Args:
-        features: ``(n, ...)`` representations of ``n`` examples.
+        features: ``(n, ...)`` representations of ``n`` examples; half precision is
+            upcast to float32.
+        reference: index of the example to subtract, an int or a one-element tensor.
 
     Returns:
         ``(n, p)`` shifted features in float32, or float64 for float64 input.
     """
     flat = _flatten(features)
-    return flat - flat[:1]
+    index = torch.as_tensor(reference, device=flat.device).reshape(1)
+    return flat - flat.index_select(0, index)
 
 
-# Shift before the product when the batch mean carries more than 3/4 of the features'
-# energy: the float32 rounding error of an unshifted product, relative to the centered
-# kernel, grows as energy / centered energy, here at most 4 times float32's.
-_MIN_CENTERED_SHARE = 0.25
+def _central_example(gram: torch.Tensor) -> torch.Tensor:
+    """Return, as a one-element tensor, the example closest to the batch mean."""
+    gram = gram.to(torch.float64)
+    distances_to_mean = torch.diagonal(gram) - 2.0 * gram.mean(dim=1) + gram.mean()
+    return torch.argmin(distances_to_mean).reshape(1)
 
 
 def _flatten(features: torch.Tensor) -> torch.Tensor:
@@ -48,36 +49,57 @@ def _flatten(features: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
-def linear_gram(features: torch.Tensor) -> torch.Tensor:
+# Limits on the shifted Gram matrix, beyond which its product is computed again after
+# subtracting the example closest to the mean. The float32 error of an entry is about
+# eps |x_i| |x_j|. Relative to the centered kernel it grows as trace / centered trace,
+# at most 4 eps here; relative to the median squared distance, as |x_i|^2 over that
+# median, at most 32 eps here.
+_MIN_CENTERED_SHARE = 0.25
+_MAX_NORM_TO_MEDIAN_DISTANCE = 16.0
+
+
+def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
+    """Tell from a shifted Gram matrix whether a better reference example is needed."""
+    gram = gram.to(torch.float64)
+    total = torch.trace(gram).item()
+    centered = total - gram.sum().item() / gram.shape[0]
+    if centered < _MIN_CENTERED_SHARE * total:
+        return True
+    if not for_distances:
+        return False
+    largest_norm = torch.diagonal(gram).max().item()
+    median = _median_off_diagonal(squared_distances(gram)).item()
+    return not largest_norm <= _MAX_NORM_TO_MEDIAN_DISTANCE * median
+
+
+def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
     """Compute the linear kernel ``K = X X^T`` of a batch, accurate after centering.
 
     CKA double-centers kernels, so any common shift of the examples leaves it
-    unchanged, but a large common offset costs a float32 product its digits. On the
-    CPU the product runs on the features as they are, which saves a copy of the
-    activation, and runs again on shifted features (``shift_features``) when the
-    centered part of the kernel holds less than a quarter of its trace: a large mean,
-    or a constant layer, which then comes out exactly zero. On GPUs the features are
-    always shifted, because the check would wait for the device at every layer and the
-    copy is cheap there.
+    unchanged, but a large common offset costs a float32 product its digits. The
+    product therefore runs on ``shift_features``: the first example is subtracted,
+    which is exact for a constant layer and usually leaves an offset no larger than the
+    spread of the examples. When the first example lies far out (the centered part of
+    the kernel holds less than a quarter of its trace or, with ``for_distances``, an
+    example's squared norm exceeds 16 times the median squared distance), the product
+    runs again after subtracting the example closest to the batch mean, which keeps at
+    least half of the trace centered. On GPUs that second product always runs, because
+    the check would wait for the device at every layer.
 
     Args:
-        features: ``(n, ...)`` representations of ``n`` examples.
+        features: ``(n, ...)`` representations of ``n`` examples; half precision is
+            upcast to float32.
+        for_distances: the matrix will give distances between examples (RBF kernels).
 
     Returns:
         ``(n, n)`` Gram matrix, float32 for float32 and half-precision input.
     """
-    flat = _flatten(features)
-    if flat.device.type != "cpu":
-        shifted = flat - flat[:1]
-        return shifted @ shifted.T
-
-    gram = flat @ flat.T
-    total = torch.trace(gram).item()
-    centered = total - gram.sum(dtype=torch.float64).item() / gram.shape[0]
-    if centered >= _MIN_CENTERED_SHARE * total > 0:
+    shifted = shift_features(features)
+    gram = shifted @ shifted.T
+    if shifted.device.type == "cpu" and not _imprecise(gram, for_distances):
         return gram
-    shifted = flat - flat[:1]
-    return shifted @ shifted.T
+    recentered = shift_features(shifted, _central_example(gram))
+    return recentered @ recentered.T
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

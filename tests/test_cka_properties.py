@@ -202,7 +202,34 @@ def test_large_mean_float32_matches_float64():
     assert value == pytest.approx(reference, abs=1e-5)
 
 
-def test_centered_constant_features_are_exactly_zero():
+def test_shifted_constant_features_are_exactly_zero():
     features = torch.full((7, 5), 0.1, dtype=torch.float32)
 
-    assert torch.count_nonzero(shift_features(features)) == 0
+    assert torch.count_nonzero(shift_features(features, 3)) == 0
+
+
+@pytest.mark.parametrize("n", [5, 8, 10, 32])
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_constant_layer_is_nan_for_every_batch_size(settings, n):
+    if n < 5 and settings["estimator"] == "unbiased":
+        pytest.skip("the unbiased estimator needs 4 examples")
+    constant = [torch.full((n, 6), 0.3) for _ in range(2)]
+    varied = [torch.randn(n, 6, generator=torch.Generator().manual_seed(n)) for _ in range(2)]
+
+    assert math.isnan(minibatch_cka(constant, varied, **settings))
+    assert math.isnan(minibatch_cka(constant, constant, **settings))
+
+
+def test_rbf_accurate_for_clustered_examples_with_outlier():
+    # 31 examples close together far from the origin plus one far away: the unshifted
+    # float32 product cannot resolve the small distances that set the RBF bandwidth.
+    generator = torch.Generator().manual_seed(0)
+    for outlier in (0, 5):
+        base = 1000.0 + torch.randn(32, 256, generator=generator, dtype=torch.float64)
+        base[outlier] += 50.0
+        related = base @ torch.randn(256, 64, generator=generator, dtype=torch.float64) / 16
+        expected = minibatch_cka([base], [related], kernel="rbf")
+
+        value = minibatch_cka([base.float()], [related.float()], kernel="rbf")
+
+        assert value == pytest.approx(expected, abs=1e-4), outlier

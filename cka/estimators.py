@@ -62,6 +62,10 @@ def center_kernels(kernels: torch.Tensor, estimator: str = "unbiased") -> torch.
     n = kernels.shape[-1]
     _check_estimator(estimator, n)
     kernels = 0.5 * (kernels + kernels.transpose(-1, -2))
+    # Both maps ignore a constant added to every entry. Removing one entry's value first
+    # makes a kernel that is constant off the diagonal (a constant layer) centre to
+    # exact zeros instead of rounding errors, which would give CKA 1 or 1e-16, not NaN.
+    kernels = kernels - kernels[..., :1, 1:2]
 
     if estimator == "biased":
         centered = kernels - kernels.mean(dim=-1, keepdim=True)

@@ -20,17 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cka import KERNELS, MIN_EXAMPLES, MinibatchCKA, hsic_vectors, rbf_from_gram
-from models import KernelRecorder, LayerInfo, layers_of_modules, select_layers, trace_calls
+from cka import KERNELS, MIN_EXAMPLES, MinibatchCKA, linear_gram, pack_grams
+from models import TRACE_EXAMPLES, KernelRecorder, LayerInfo, layers_of_modules, select_layers, trace_calls
 from plotting import plot_cka_heatmap
 
 from .outputs import save_cka_matrix
-from .run import log_undefined_layers
+from .run import full_float32_matmul, log_undefined_layers
 
 __all__ = ["Comparison", "compare_models"]
-
-_TRACE_EXAMPLES = 2
-
 
 @dataclasses.dataclass
 class Comparison:
@@ -131,7 +128,7 @@ def _layers_by_name(model: nn.Module, calls, names: Sequence[str], batch_size: i
 
 
 def _choose_layers(model, inputs, names, depth, conv_only, kernel_range, include_parameter_free, remove_output_layer):
-    trace_inputs = inputs[:_TRACE_EXAMPLES]
+    trace_inputs = inputs[:TRACE_EXAMPLES]
     calls = trace_calls(model, trace_inputs)
     if names is not None:
         return _layers_by_name(model, calls, names, len(trace_inputs))
@@ -220,11 +217,11 @@ def compare_models(
     layers = None
     examples = 0
 
+    def gram(features: torch.Tensor) -> torch.Tensor:
+        return linear_gram(features, for_distances=kernel == "rbf")
+
     def packed(recorder: KernelRecorder, inputs: torch.Tensor) -> torch.Tensor:
-        kernels = recorder.grams(inputs).to(torch.float64)
-        if kernel == "rbf":
-            kernels = rbf_from_gram(kernels, sigma)
-        return hsic_vectors(kernels, estimator)
+        return pack_grams(recorder.grams(inputs), kernel, estimator, sigma)
 
     with tqdm(desc="batches", unit="batch", disable=not progress) as bar:
         for batch_x, batch_y in pairs:
@@ -245,10 +242,11 @@ def compare_models(
                     _choose_layers(model_y, inputs_y, layers_y, *selection),
                 )
 
-            with KernelRecorder(model_x, layers[0]) as recorder_x:
-                vectors_x = packed(recorder_x, inputs_x)
-            with KernelRecorder(model_y, layers[1]) as recorder_y:
-                vectors_y = packed(recorder_y, inputs_y)
+            with full_float32_matmul():
+                with KernelRecorder(model_x, layers[0], gram) as recorder_x:
+                    vectors_x = packed(recorder_x, inputs_x)
+                with KernelRecorder(model_y, layers[1], gram) as recorder_y:
+                    vectors_y = packed(recorder_y, inputs_y)
             accumulator.update(vectors_x, vectors_y)
             examples += len(inputs_x)
             bar.update(1)

@@ -1,12 +1,13 @@
-"""Per-batch packed kernels on disk, reused by later runs that need the same ones.
+"""Per-batch Gram matrices on disk, reused by later runs that need the same ones.
 
-An entry is one model's packed centered kernels for one batch and one kernel setting,
-with the names of the layers it covers. Its folder name is a hash of everything that
-determines those numbers: the library and its version, the model, its weights, its
-input size and preprocessing, the images and their batching, the device type and the
-cache format. Changing any of them gives a new folder, so stale entries are never
-read, only left behind. Files are written under a temporary name and renamed, so a
-reader never sees half a file and a killed run leaves only whole entries.
+An entry is one model's linear Gram matrices for one batch, with the names of the
+layers they belong to; every kernel and HSIC estimator is computed from them. Its folder
+name is a hash of everything that determines those numbers: the library and its
+version, the model, its weights, its input size and preprocessing, the images and their
+batching, the device type, and the source code of the packages that compute them.
+Changing any of them gives a new folder, so stale entries are never read, only left
+behind. Files are written under a temporary name and renamed, so a reader never sees
+half a file and a killed run leaves only whole entries.
 """
 
 import hashlib
@@ -15,14 +16,19 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["CACHE_FORMAT", "KernelCache", "default_cache_dir", "fingerprint"]
+from data import torch_home
 
-CACHE_FORMAT = 1
-"""Version of the entries' layout and of the computation behind them."""
+from .atomic import atomic_path
+
+__all__ = ["CACHE_FORMAT", "KernelCache", "code_fingerprint", "default_cache_dir", "fingerprint"]
+
+CACHE_FORMAT = 2
+"""Version of the entries' layout."""
 
 _VERSIONED_PACKAGES = {
     "torchvision": ("torch", "torchvision"),
@@ -30,14 +36,26 @@ _VERSIONED_PACKAGES = {
     "timm": ("torch", "timm"),
 }
 
+# Source files whose changes can change a Gram matrix: the kernels, the hooks and layer
+# choice, the image pipeline, and the pass that ties them together.
+_REPOSITORY = Path(__file__).resolve().parent.parent
+_NUMERIC_SOURCES = ("cka", "data", "models", "engine/run.py")
+
 
 def default_cache_dir() -> str:
     """Return ``$TORCH_HOME/cka_kernels``, by default ``~/.cache/torch/cka_kernels``."""
-    torch_home = os.environ.get(
-        "TORCH_HOME",
-        os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"),
-    )
-    return os.path.join(torch_home, "cka_kernels")
+    return os.path.join(torch_home(), "cka_kernels")
+
+
+def code_fingerprint() -> str:
+    """Hash the source files that compute Gram matrices, so code changes invalidate entries."""
+    digest = hashlib.sha256()
+    for name in _NUMERIC_SOURCES:
+        path = _REPOSITORY / name
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(source.relative_to(_REPOSITORY)).encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def package_versions(library: str) -> dict[str, str]:
@@ -58,7 +76,7 @@ def fingerprint(identity: dict) -> str:
 
 
 class KernelCache:
-    """A folder of per-batch packed kernels and model traces.
+    """A folder of per-batch Gram matrices and model traces.
 
     Use it as a context manager. With ``folder=None`` it lives in a temporary folder
     that leaving deletes, so a run without a cache still keeps memory bounded.
@@ -84,49 +102,54 @@ class KernelCache:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
-    def _kernels_path(self, model_key: str, settings_key: str, batch: int) -> str:
-        return os.path.join(self.folder, model_key, settings_key, f"batch{batch}.npz")
+    def _grams_path(self, model_key: str, batch: int) -> str:
+        return os.path.join(self.folder, model_key, f"batch{batch}.npz")
 
-    def _write(self, path: str, write) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.partial-{os.getpid()}"
-        try:
+    def _read(self, model_key: str, batch: int) -> tuple[list[str], np.ndarray] | None:
+        path = self._grams_path(model_key, batch)
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as archive:
+            return archive["layers"].tolist(), archive["grams"]
+
+    def put_grams(self, model_key: str, batch: int, layers: list[str], grams: torch.Tensor) -> None:
+        """Store one batch's ``(layers, n, n)`` Gram matrices with their layer names.
+
+        Layers of an existing entry that ``layers`` lacks are kept, so runs at other
+        depths add to an entry instead of replacing it.
+        """
+        names = list(layers)
+        array = grams.detach().cpu().numpy()
+        existing = self._read(model_key, batch)
+        if existing is not None:
+            old_names, old_grams = existing
+            extra = [index for index, name in enumerate(old_names) if name not in set(names)]
+            if extra and old_grams.shape[1:] == array.shape[1:]:
+                names += [old_names[index] for index in extra]
+                array = np.concatenate([array, old_grams[extra].astype(array.dtype)])
+        with atomic_path(self._grams_path(model_key, batch)) as partial:
             with open(partial, "wb") as handle:
-                write(handle)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+                np.savez(handle, layers=np.array(names), grams=array)
 
-    def put_kernels(
-        self, model_key: str, settings_key: str, batch: int, layers: list[str], vectors: torch.Tensor
-    ) -> None:
-        """Store one batch's ``(layers, T)`` packed kernels with their layer names."""
-        array = vectors.detach().to("cpu", torch.float64).numpy()
-        self._write(
-            self._kernels_path(model_key, settings_key, batch),
-            lambda handle: np.savez(handle, layers=np.array(layers), vectors=array),
-        )
-
-    def stored_layers(self, model_key: str, settings_key: str, batch: int) -> set[str]:
+    def stored_layers(self, model_key: str, batch: int) -> set[str]:
         """Return the layer names an entry covers; empty when there is no entry."""
-        path = self._kernels_path(model_key, settings_key, batch)
+        path = self._grams_path(model_key, batch)
         if not os.path.exists(path):
             return set()
         with np.load(path) as archive:
             return set(archive["layers"].tolist())
 
-    def get_kernels(self, model_key: str, settings_key: str, batch: int, layers: list[str]) -> torch.Tensor:
-        """Load the packed kernels of ``layers``, in that order, from an entry that covers them."""
-        with np.load(self._kernels_path(model_key, settings_key, batch)) as archive:
-            row = {name: index for index, name in enumerate(archive["layers"].tolist())}
-            vectors = archive["vectors"]
-            return torch.from_numpy(vectors[[row[name] for name in layers]])
+    def get_grams(self, model_key: str, batch: int, layers: list[str]) -> torch.Tensor:
+        """Load the Gram matrices of ``layers``, in that order, from an entry that covers them."""
+        names, grams = self._read(model_key, batch)
+        row = {name: index for index, name in enumerate(names)}
+        return torch.from_numpy(grams[[row[name] for name in layers]])
 
     def put_json(self, model_key: str, name: str, content) -> None:
         """Store a JSON document next to a model's entries."""
-        text = json.dumps(content).encode()
-        self._write(os.path.join(self.folder, model_key, f"{name}.json"), lambda handle: handle.write(text))
+        with atomic_path(os.path.join(self.folder, model_key, f"{name}.json")) as partial:
+            with open(partial, "w") as handle:
+                json.dump(content, handle)
 
     def get_json(self, model_key: str, name: str):
         """Load what ``put_json`` stored, or None."""

@@ -2,13 +2,14 @@
 
 Each model runs once over the images, whatever the number of pairs and depths it is in.
 During that pass the hooks of the union of its selected layers turn every output into
-a Gram matrix, and each batch's kernels are packed (``cka.hsic_vectors``) and written
-to a KernelCache. The pairs then read the packs back batch by batch, and each
-(pair, batch) costs one matrix product. Batches already in a persistent cache are not
-computed again. Under ``torchrun`` each rank takes its share of the batches and one
+a Gram matrix, and each batch's Gram matrices are written to a KernelCache. The pairs
+then read them back batch by batch: each (model, kernel setting, batch) is packed once
+(``cka.pack_grams``) and each (pair, batch) costs one matrix product. Batches already in
+a persistent cache are not computed again. Under ``torchrun`` each rank takes its share of the batches and one
 all-reduce adds the ranks' sums.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import torchvision.transforms.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
-from cka import MinibatchCKA, hsic_vectors, rbf_from_gram
+from cka import MinibatchCKA, linear_gram, pack_grams
 from data import ImageSet, Normalizer, open_images, resized_batches
 from models import (
     CallRecord,
@@ -30,17 +31,25 @@ from models import (
     build_model,
     input_spec,
     kernel_sizes_present,
+    TRACE_EXAMPLES,
     select_layers,
     trace_calls,
     union_of_layers,
 )
 
-from .cache import CACHE_FORMAT, KernelCache, fingerprint, package_versions
+from .cache import CACHE_FORMAT, KernelCache, code_fingerprint, fingerprint, package_versions
 from .distributed import DistributedContext, all_reduce_sum
 from .plan import KernelSettings, ModelSpec, PairTask, RunPlan, UsageError
 from .store import ScratchStore
 
-__all__ = ["PairResult", "PreparedModel", "RunResult", "log_undefined_layers", "run_plan"]
+__all__ = [
+    "PairResult",
+    "PreparedModel",
+    "RunResult",
+    "full_float32_matmul",
+    "log_undefined_layers",
+    "run_plan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +57,6 @@ _INPUT_SIZE_HINT = (
     "Choose another --input_shape (most models need 32 pixels or more, alexnet 64, "
     "inception_v3 75, vision transformers a multiple of their patch size, maxvit_t 224)"
 )
-
-# Images in the trial forward pass that orders the layers. With two, an output whose first
-# dimension is not the batch can be detected.
-_TRACE_IMAGES = 2
-
 
 @dataclasses.dataclass
 class PreparedModel:
@@ -66,8 +70,7 @@ class PreparedModel:
         selections: ``{(depth, conv_only): selection}`` for each requested scope.
         rows: ``{(depth, conv_only): indices into layers}`` for each scope.
         settings: kernel settings its pairs need, in a fixed order.
-        key: cache key of its kernels.
-        settings_keys: cache key of each entry of ``settings``.
+        key: cache key of its Gram matrices.
         cached_batches: batches of this rank read from the cache instead of computed.
         build_seconds: time spent building the model and loading its weights.
     """
@@ -80,7 +83,6 @@ class PreparedModel:
     rows: dict[tuple[int, bool], list[int]]
     settings: list[KernelSettings]
     key: str
-    settings_keys: list[str]
     cached_batches: list[int] = dataclasses.field(default_factory=list)
     build_seconds: float = 0.0
 
@@ -146,7 +148,7 @@ def _scope(task: PairTask) -> tuple[int, bool]:
 
 
 def _trace_inputs(images: ImageSet, size: int, normalizer: Normalizer) -> torch.Tensor:
-    count = min(_TRACE_IMAGES, len(images))
+    count = min(TRACE_EXAMPLES, len(images))
     pixels = [functional.pil_to_tensor(images.resized(index, size)) for index in range(count)]
     return normalizer(torch.stack(pixels))
 
@@ -189,6 +191,7 @@ def _model_key(spec: ModelSpec, preprocessing, images: ImageSet, plan: RunPlan, 
             "indices": images.indices,
             "batch_size": plan.options.batch_size,
             "device": torch.device(device).type,
+            "code": code_fingerprint(),
         }
     )
 
@@ -253,7 +256,7 @@ def prepare_model(
         selection = select_layers(
             module,
             calls,
-            batch_size=min(_TRACE_IMAGES, len(images)),
+            batch_size=min(TRACE_EXAMPLES, len(images)),
             depth=depth,
             conv_only=conv_only,
             kernel_range=plan.kernel_range,
@@ -263,7 +266,7 @@ def prepare_model(
         if not selection.layers:
             raise _empty_selection_error(spec, module, scope, plan, selection)
         selections[scope] = selection
-    _log_dropped(spec, selections)
+    _log_selection(spec, selections)
 
     layers = union_of_layers(calls, selections.values())
     position = {(layer.module_name, layer.call): index for index, layer in enumerate(layers)}
@@ -272,19 +275,21 @@ def prepare_model(
         for scope, selection in selections.items()
     }
     settings = list(dict.fromkeys(task.kernel for task in tasks))
-    settings_keys = [fingerprint(dataclasses.asdict(entry)) for entry in settings]
-    prepared = PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, settings_keys)
+    prepared = PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key)
     prepared.build_seconds = build_seconds
     return prepared
 
 
-def _log_dropped(spec: ModelSpec, selections: dict) -> None:
-    """Warn once per model about selected modules that give no layer."""
+def _log_selection(spec: ModelSpec, selections: dict) -> None:
+    """Warn once per model about clamped depths and selected modules that give no layer."""
     dropped = {}
-    for selection in selections.values():
-        for name, reason in selection.dropped.items():
-            if not reason.startswith(("output layer removed", "ModuleList", "ModuleDict")):
-                dropped[name] = reason
+    for (depth, _), selection in selections.items():
+        if depth not in (-1, selection.depth):
+            logger.warning(
+                "%s has no modules at depth %d; using its deepest level %d",
+                spec.label, depth, selection.depth,
+            )
+        dropped.update(selection.dropped)
     if dropped:
         examples = ", ".join(list(dropped)[:3])
         logger.warning(
@@ -292,14 +297,6 @@ def _log_dropped(spec: ModelSpec, selections: dict) -> None:
             "tensor (%s%s); run_record.json lists each with its reason",
             spec.label, len(dropped), examples, ", ..." if len(dropped) > 3 else "",
         )
-
-
-def _packed_kernels(grams: torch.Tensor, settings: KernelSettings) -> torch.Tensor:
-    """Turn a batch's ``(layers, n, n)`` Gram matrices into packed centered kernels."""
-    kernels = grams.to(torch.float64)
-    if settings.kernel == "rbf":
-        kernels = rbf_from_gram(kernels, settings.sigma)
-    return hsic_vectors(kernels, settings.estimator)
 
 
 def _pixel_batches(
@@ -325,11 +322,12 @@ def _pixel_batches(
 
 def _batches_to_compute(prepared: PreparedModel, batches: list[int], cache: KernelCache) -> list[int]:
     needed = set(prepared.layer_names)
-    return [
-        batch
-        for batch in batches
-        if any(not needed <= cache.stored_layers(prepared.key, key, batch) for key in prepared.settings_keys)
-    ]
+    return [batch for batch in batches if not needed <= cache.stored_layers(prepared.key, batch)]
+
+
+def _gram_for_any_kernel(features: torch.Tensor) -> torch.Tensor:
+    # Accurate enough for distances, so the cached matrices serve RBF kernels as well.
+    return linear_gram(features, for_distances=True)
 
 
 def compute_kernels(
@@ -343,7 +341,7 @@ def compute_kernels(
     keep_pixels: bool = False,
     progress: bool = True,
 ) -> None:
-    """Run one model over ``batches`` and store the packed kernels of its layers."""
+    """Run one model over ``batches`` and store the Gram matrices of its layers."""
     module = prepared.module.to(device)
     bar = tqdm(
         total=len(batches),
@@ -352,24 +350,20 @@ def compute_kernels(
         disable=not progress,
     )
     try:
-        with KernelRecorder(module, prepared.layers) as recorder:
+        with KernelRecorder(module, prepared.layers, gram=_gram_for_any_kernel) as recorder:
             pixel_batches = _pixel_batches(images, prepared.spec.input_size, batches, plan, scratch, keep_pixels)
             for batch, pixels in pixel_batches:
                 inputs = prepared.normalizer(pixels.to(device, non_blocking=True))
-                grams = recorder.grams(inputs)
-                for settings, settings_key in zip(prepared.settings, prepared.settings_keys):
-                    vectors = _packed_kernels(grams, settings)
-                    cache.put_kernels(prepared.key, settings_key, batch, prepared.layer_names, vectors)
+                cache.put_grams(prepared.key, batch, prepared.layer_names, recorder.grams(inputs))
                 bar.update(1)
     finally:
         bar.close()
-        prepared.module.to("cpu")
 
 
 def compare_pairs(
     plan: RunPlan, prepared: dict[ModelSpec, PreparedModel], cache: KernelCache, batches: list[int]
 ) -> list[MinibatchCKA]:
-    """Accumulate every task's HSIC sums over ``batches`` from the stored kernels."""
+    """Accumulate every task's HSIC sums over ``batches`` from the stored Gram matrices."""
     accumulators = []
     for task in plan.tasks:
         rows = len(prepared[task.model_x].rows[_scope(task)])
@@ -377,14 +371,17 @@ def compare_pairs(
         accumulators.append(MinibatchCKA(rows, columns))
 
     for batch in batches:
-        loaded: dict[tuple[ModelSpec, KernelSettings], torch.Tensor] = {}
+        grams: dict[ModelSpec, torch.Tensor] = {}
+        packed: dict[tuple[ModelSpec, KernelSettings], torch.Tensor] = {}
 
         def vectors(spec: ModelSpec, settings: KernelSettings) -> torch.Tensor:
-            if (spec, settings) not in loaded:
-                model = prepared[spec]
-                settings_key = model.settings_keys[model.settings.index(settings)]
-                loaded[spec, settings] = cache.get_kernels(model.key, settings_key, batch, model.layer_names)
-            return loaded[spec, settings]
+            if spec not in grams:
+                grams[spec] = cache.get_grams(prepared[spec].key, batch, prepared[spec].layer_names)
+            if (spec, settings) not in packed:
+                packed[spec, settings] = pack_grams(
+                    grams[spec], settings.kernel, settings.estimator, settings.sigma
+                )
+            return packed[spec, settings]
 
         for task, accumulator in zip(plan.tasks, accumulators):
             rows_x = prepared[task.model_x].rows[_scope(task)]
@@ -397,7 +394,7 @@ def compare_pairs(
 
 
 def log_undefined_layers(matrix: torch.Tensor, rows: list[str], columns: list[str], name_x: str, name_y: str) -> None:
-    """Warn about layers whose every CKA value is NaN: constant over the images."""
+    """Warn about layers whose every CKA value is NaN, naming them."""
     undefined = torch.isnan(matrix)
     if not undefined.any():
         return
@@ -406,8 +403,8 @@ def log_undefined_layers(matrix: torch.Tensor, rows: list[str], columns: list[st
     for model, names in ((name_x, row_names), (name_y, column_names)):
         if names:
             logger.warning(
-                "%s: %d layer(s) give the same kernel for every image, so their CKA is undefined "
-                "(NaN, grey in the heatmap): %s",
+                "%s: %d layer(s) have undefined CKA (NaN, grey in the heatmap) because their "
+                "kernel is the same for every image (a constant layer) or not finite: %s",
                 model, len(names), ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""),
             )
 
@@ -416,8 +413,9 @@ def _sum_over_ranks(accumulators: list[MinibatchCKA], context: DistributedContex
     """Replace every accumulator's sums by their total over all ranks, in one all-reduce."""
     if context.world_size <= 1:
         return
+    counts = torch.tensor([float(acc.batches) for acc in accumulators], dtype=torch.float64)
     parts = [tensor for acc in accumulators for tensor in (acc.cross.flatten(), acc.self_x, acc.self_y)]
-    total = all_reduce_sum(torch.cat(parts), context)
+    total = all_reduce_sum(torch.cat([*parts, counts]), context)
     offset = 0
     for accumulator in accumulators:
         for name in ("cross", "self_x", "self_y"):
@@ -425,6 +423,23 @@ def _sum_over_ranks(accumulators: list[MinibatchCKA], context: DistributedContex
             size = tensor.numel()
             setattr(accumulator, name, total[offset : offset + size].view_as(tensor).clone())
             offset += size
+    for accumulator, count in zip(accumulators, total[offset:].tolist()):
+        accumulator.batches = int(count)
+
+
+@contextlib.contextmanager
+def full_float32_matmul():
+    """Keep float32 matrix products in full precision on GPUs while the block runs.
+
+    TF32 would cost the Gram products 3 decimal digits. Convolutions keep cuDNN's own
+    setting, as in the models' ordinary inference. The previous setting is restored.
+    """
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def run_plan(
@@ -452,15 +467,13 @@ def run_plan(
     options = plan.options
     device = context.device(plan.device)
     my_batches = context.batches(options.dataloader_size)
-    # The Gram products stay in full float32 on GPUs: TF32 would cost CKA 3 digits.
-    torch.backends.cuda.matmul.allow_tf32 = False
 
     images = open_images(
         options.dataset, plan.image_count, options.seed, options.data_root, bool(options.download)
     )
     logger.info("images: %s", images.description)
 
-    with KernelCache(cache_dir) as cache, ScratchStore() as scratch:
+    with KernelCache(cache_dir) as cache, ScratchStore() as scratch, full_float32_matmul():
         prepared: dict[ModelSpec, PreparedModel] = {}
         for spec in plan.models:
             tasks = [task for task in plan.tasks if spec in (task.model_x, task.model_y)]

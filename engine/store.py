@@ -7,6 +7,8 @@ import tempfile
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 __all__ = ["ScratchStore"]
 
 
@@ -43,11 +45,8 @@ class ScratchStore:
 
     def put(self, key: str, array: torch.Tensor) -> None:
         """Store a CPU copy of ``array`` under ``key``, a valid file name."""
-        path = self._path(key)
-        partial = f"{path}.partial"
-        with open(partial, "wb") as handle:
+        with atomic_path(self._path(key)) as partial, open(partial, "wb") as handle:
             np.save(handle, array.detach().cpu().numpy())
-        os.replace(partial, path)
 
     def get(self, key: str) -> torch.Tensor:
         """Load what ``put`` stored under ``key``."""

@@ -51,11 +51,9 @@ def test_rerun_reads_every_batch_from_cache(tmp_path):
         ["--seed", "1"],
         ["--input_shape", "40"],
         ["--batch_size", "5"],
-        ["--CKA_type", "kernel_CKA"],
-        ["--hsic", "biased"],
         ["--dataset", "FOLDER"],
     ],
-    ids=["seed", "input-size", "batch-size", "kernel", "estimator", "images"],
+    ids=["seed", "input-size", "batch-size", "images"],
 )
 def test_changing_a_key_input_recomputes(tmp_path, change):
     if change == ["--dataset", "FOLDER"]:
@@ -69,6 +67,42 @@ def test_changing_a_key_input_recomputes(tmp_path, change):
     _run(tmp_path, "first", *SMALL)
 
     _, cached = _run(tmp_path, "changed", *SMALL, *change)
+
+    assert cached == {"resnet18": []}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [["--CKA_type", "kernel_CKA"], ["--hsic", "biased"], ["--CKA_type", "kernel_CKA", "--rbf_sigma", "2"]],
+    ids=["kernel", "estimator", "sigma"],
+)
+def test_kernel_settings_reuse_cached_grams(tmp_path, change):
+    _run(tmp_path, "first", *SMALL)
+
+    changed, cached = _run(tmp_path, "changed", *SMALL, *change)
+    _, fresh = _run(tmp_path, "fresh", *SMALL, *change, "--cache", "0")
+
+    assert cached == {"resnet18": [0, 1]}
+    for name, matrix in _matrices(changed).items():
+        assert np.allclose(matrix, _matrices(tmp_path / "fresh")[name], atol=1e-12)
+
+
+def test_other_depths_add_to_cached_entries(tmp_path):
+    _run(tmp_path, "depth1", *SMALL)
+    _run(tmp_path, "depth2", *SMALL[:-1], "2")
+
+    _, cached = _run(tmp_path, "again", *SMALL)
+
+    assert cached == {"resnet18": [0, 1]}
+
+
+def test_code_change_recomputes(tmp_path, monkeypatch):
+    import engine.run
+
+    _run(tmp_path, "first", *SMALL)
+    monkeypatch.setattr(engine.run, "code_fingerprint", lambda: "changed code")
+
+    _, cached = _run(tmp_path, "second", *SMALL)
 
     assert cached == {"resnet18": []}
 
@@ -124,7 +158,7 @@ def _start_and_stop_after_first_batch(tmp_path, cache, output, stop_signal):
     process = subprocess.Popen(_command(output, cache), env=_environment(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list(cache.glob("*/*/batch*.npz")):
+    while not list(cache.glob("*/batch*.npz")):
         assert process.poll() is None, process.communicate()[1]
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -143,9 +177,11 @@ def test_stopped_run_resumes_to_same_files(tmp_path, stop_signal):
 
     status, stderr = _start_and_stop_after_first_batch(tmp_path, cache, output, stop_signal)
 
-    entries = list(cache.glob("*/*/batch*"))
+    entries = list(cache.glob("*/batch*.npz"))
     assert 0 < len(entries) < 20, "the run was not stopped part-way"
-    assert not [entry for entry in entries if not entry.name.endswith(".npz")], "a partial file was left"
+    for entry in entries:
+        with np.load(entry) as archive:
+            assert archive["grams"].shape[1:] == (8, 8), entry
     assert not output.exists()
     if stop_signal == signal.SIGINT:
         assert status == EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from models import ModelLoadError
 
 logger = logging.getLogger("main_feat_maps")
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -31,7 +32,7 @@ def _interrupt(signal_number, frame):
 
 
 class _ListModelsAction(argparse.Action):
-    """Print the model names of both libraries and exit, like ``--version``."""
+    """Print the model names of every library and exit, like ``--version``."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log_level", type=str, default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
     add("--list_models", action=_ListModelsAction,
-        help="print the model names of both libraries and exit")
+        help="print the model names of every library and exit")
     return parser
 
 
@@ -172,11 +173,19 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", error)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        logger.error(
-            "interrupted before any file was written; finished batches stay in the kernel cache "
-            "and the same command resumes from them"
+        resume = (
+            "; finished batches stay in the kernel cache and the same command resumes from them"
+            if arguments.cache
+            else ""
         )
+        logger.error("interrupted before any file was written%s", resume)
         return EXIT_INTERRUPTED
+    except torch.cuda.OutOfMemoryError as error:
+        logger.error(
+            "the GPU ran out of memory (%s); lower --batch_size or --input_shape, or compare "
+            "fewer models per command", str(error).splitlines()[0],
+        )
+        return EXIT_FAILURE
     finally:
         shutdown(context)
 

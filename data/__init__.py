@@ -1,6 +1,6 @@
 """Images for the compared models: datasets, folders, bundled photographs, preprocessing."""
 
-from .preprocess import Normalizer, make_transform, resized_batches
+from .preprocess import Normalizer, resized_batches
 from .sources import (
     SAMPLE_PHOTOS,
     DatasetError,
@@ -9,6 +9,7 @@ from .sources import (
     default_data_root,
     open_images,
     square_resize,
+    torch_home,
 )
 
 __all__ = [
@@ -18,8 +19,8 @@ __all__ = [
     "ImageSet",
     "Normalizer",
     "default_data_root",
-    "make_transform",
     "open_images",
     "resized_batches",
     "square_resize",
+    "torch_home",
 ]

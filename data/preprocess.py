@@ -5,17 +5,15 @@ batches, and only the cheap normalisation runs once per model, on its device.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as functional
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .sources import ImageRegion, ImageSet, square_resize
+from .sources import ImageSet
 
-__all__ = ["Normalizer", "make_transform", "resized_batches"]
+__all__ = ["Normalizer", "resized_batches"]
 
 
 class Normalizer:
@@ -55,30 +53,6 @@ class Normalizer:
         scale = self.scale.to(pixels.device)
         bias = self.bias.to(pixels.device)
         return torch.addcmul(bias, pixels.to(torch.float32), scale)
-
-
-def make_transform(
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    value_range: tuple[float, float] = (0.0, 1.0),
-    color_space: str = "RGB",
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the transform from one PIL image to a model's normalised input.
-
-    The center square of the image is resized to ``size`` with antialiasing, then
-    normalised as ``Normalizer`` does.
-
-    Returns:
-        A function mapping a PIL image to a ``(3, size, size)`` float32 tensor.
-    """
-    normalizer = Normalizer(mean, std, value_range, color_space)
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        pixels = functional.pil_to_tensor(square_resize(ImageRegion(image), size))
-        return normalizer(pixels.unsqueeze(0))[0]
-
-    return transform
 
 
 class _ResizedImages(Dataset):

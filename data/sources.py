@@ -27,6 +27,7 @@ __all__ = [
     "default_data_root",
     "open_images",
     "square_resize",
+    "torch_home",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,13 +174,17 @@ class ImageSet(Sequence):
         return square_resize(self.region(position), size)
 
 
-def default_data_root() -> str:
-    """Return ``$TORCH_HOME/datasets``, by default ``~/.cache/torch/datasets``."""
-    torch_home = os.environ.get(
+def torch_home() -> str:
+    """Return torch's cache folder: ``$TORCH_HOME``, by default ``~/.cache/torch``."""
+    return os.environ.get(
         "TORCH_HOME",
         os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"),
     )
-    return os.path.join(torch_home, "datasets")
+
+
+def default_data_root() -> str:
+    """Return ``$TORCH_HOME/datasets``, by default ``~/.cache/torch/datasets``."""
+    return os.path.join(torch_home(), "datasets")
 
 
 def _seeded_subset(total: int, count: int, seed: int) -> list[int]:
@@ -219,15 +224,23 @@ class _PhotoCrops:
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit and 32-bit grayscale to 8 bits; ``convert`` would clip them at 255."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 255.0)
-        if image.mode == "F":
-            high = max(float(pixels.max()), 1.0)
-        scaled = np.clip(pixels / high * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(scaled, mode="L")
-    return image
+    """Scale 16-bit, 32-bit and float grayscale to 8 bits; ``convert`` would clip them.
+
+    16-bit modes map 0..65535 to 0..255. Mode ``I`` is read as 16-bit when its values fit,
+    and mode ``F`` as 0..1 when they fit; otherwise the image's own maximum maps to 255.
+    """
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    largest = float(pixels.max()) if pixels.size else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and largest <= 65535):
+        high = 65535.0
+    elif image.mode == "F" and largest <= 1.0:
+        high = 1.0
+    else:
+        high = max(largest, 1.0)
+    scaled = np.clip(pixels / high * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
 
 
 class _FileLoader:

@@ -17,12 +17,12 @@ import sys
 import tempfile
 import threading
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from plotting import plot_cka_heatmap
 
+from .atomic import atomic_path
 from .run import PairResult, RunResult
 
 __all__ = ["RECORD_NAME", "library_versions", "pair_title", "save_cka_matrix", "write_outputs"]
@@ -45,18 +45,6 @@ _PACKAGES = (
 )
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str):
-    """Yield a temporary path next to ``path`` and rename it to ``path`` on success."""
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
 def library_versions() -> dict[str, str]:
     """Return the installed versions of the packages that change the numbers or figures."""
     versions = {"python": platform.python_version()}
@@ -76,7 +64,7 @@ def pair_title(result: PairResult, image_count: int) -> str:
 
 
 def _write_csv(path: str, matrix: np.ndarray, rows, columns, label_x: str, label_y: str) -> None:
-    with _atomic_path(path) as partial, open(partial, "w", newline="") as handle:
+    with atomic_path(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([f"{label_x} \\ {label_y}", *columns])
         for name, values in zip(rows, matrix.tolist()):
@@ -119,15 +107,12 @@ def save_cka_matrix(
     figure = plot_cka_heatmap(
         values, rows, columns, title, row_axis=f"{label_x} layers", column_axis=f"{label_y} layers"
     )
-    try:
-        with _atomic_path(png) as partial:
-            figure.savefig(partial, dpi=_DPI, format="png")
-    finally:
-        plt.close(figure)
+    with atomic_path(png) as partial:
+        figure.savefig(partial, dpi=_DPI, format="png")
 
     _write_csv(csv_path, values, rows, columns, label_x, label_y)
 
-    with _atomic_path(npz) as partial, open(partial, "wb") as handle:
+    with atomic_path(npz) as partial, open(partial, "wb") as handle:
         np.savez(
             handle,
             cka=values,
@@ -187,6 +172,8 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cac
                         "depth_used": selection.depth,
                         "layers": [layer.name for layer in selection.layers],
                         "dropped": selection.dropped,
+                        "containers_expanded": selection.expanded,
+                        "output_layer_removed": selection.removed_output,
                     }
                     for (depth, conv_only), selection in prepared.selections.items()
                 ],

@@ -276,7 +276,7 @@ def _resolve_device(device: int) -> str:
     return f"cuda:{device}"
 
 
-def _check_output_folder(path: str) -> None:
+def _check_writable_folder(flag: str, path: str) -> None:
     """Raise UsageError unless ``path`` is a writable folder or can be created as one.
 
     Nothing is created: a test file is written and removed in ``path`` or in its
@@ -284,9 +284,9 @@ def _check_output_folder(path: str) -> None:
     fail (``/proc``, read-only mounts).
     """
     if not path:
-        raise UsageError("--output_path is empty; give a folder such as ./output")
+        raise UsageError(f"--{flag} is empty; give a folder such as ./output")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output_path {path} is a file, not a folder; choose another path")
+        raise UsageError(f"--{flag} {path} is a file, not a folder; choose another path")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -297,7 +297,7 @@ def _check_output_folder(path: str) -> None:
             pass
     except OSError as error:
         raise UsageError(
-            f"--output_path {path} cannot be written ({type(error).__name__} in {existing}); "
+            f"--{flag} {path} cannot be written ({type(error).__name__} in {existing}); "
             "choose a folder you can write to"
         ) from error
 
@@ -386,14 +386,19 @@ def _pairs(options: RunOptions) -> list[tuple[_Side, _Side]]:
 
 
 def _label_models(specs: list[ModelSpec]) -> dict[ModelSpec, ModelSpec]:
-    """Give each distinct spec a label that distinguishes it from specs of the same name."""
+    """Give each distinct spec a label that distinguishes it from every other spec of the run.
+
+    The label is the model name, with the weights file's stem when weights are given,
+    plus what differs between specs that would otherwise share it: pretrained or random,
+    input size, library, the weights' parent folder, and at last a counter.
+    """
     def base(spec: ModelSpec) -> str:
         if spec.weights is None:
             return spec.name
         stem = os.path.splitext(os.path.basename(spec.weights))[0]
         return stem if spec.name in stem else f"{spec.name}-{stem}"
 
-    labelled = {}
+    labels = {}
     for spec in specs:
         same_base = [other for other in specs if base(other) == base(spec)]
         parts = [base(spec)]
@@ -403,8 +408,18 @@ def _label_models(specs: list[ModelSpec]) -> dict[ModelSpec, ModelSpec]:
             parts.append(f"{spec.input_size}px")
         if len({other.library for other in same_base}) > 1:
             parts.append(spec.library)
-        labelled[spec] = dataclasses.replace(spec, label="-".join(parts))
-    return labelled
+        labels[spec] = "-".join(parts)
+
+    shared = [spec for spec in specs if list(labels.values()).count(labels[spec]) > 1]
+    for spec in shared:
+        if spec.weights is not None and os.path.basename(os.path.dirname(spec.weights)):
+            labels[spec] += "-" + os.path.basename(os.path.dirname(spec.weights))
+    shared = [spec for spec in specs if list(labels.values()).count(labels[spec]) > 1]
+    seen: dict[str, int] = {}
+    for spec in shared:
+        seen[labels[spec]] = seen.get(labels[spec], 0) + 1
+        labels[spec] += f"-{seen[labels[spec]]}"
+    return {spec: dataclasses.replace(spec, label=label) for spec, label in labels.items()}
 
 
 def _file_stem(task: PairTask) -> str:
@@ -413,13 +428,21 @@ def _file_stem(task: PairTask) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
 
 
+def _without_repeats(tasks: list[PairTask]) -> list[PairTask]:
+    """Drop tasks that repeat an earlier one exactly: they would give the same matrix."""
+    unique = list(dict.fromkeys(tasks))
+    if len(unique) < len(tasks):
+        logger.warning("%d repeated pair(s) are computed once", len(tasks) - len(unique))
+    return unique
+
+
 def _unique_stems(tasks: list[PairTask]) -> list[PairTask]:
-    """Give every task a distinct file stem, adding the CKA type and then a counter."""
+    """Give every task a distinct file stem, adding the CKA type where only it differs."""
     plain = [_file_stem(task) for task in tasks]
-    stems = [
-        f"{stem}_{task.cka_type}" if plain.count(stem) > 1 else stem
-        for stem, task in zip(plain, tasks)
-    ]
+    stems = []
+    for stem, task in zip(plain, tasks):
+        types = {other.cka_type for other, other_stem in zip(tasks, plain) if other_stem == stem}
+        stems.append(f"{stem}_{task.cka_type}" if len(types) > 1 else stem)
     seen: dict[str, int] = {}
     unique = []
     for task, stem in zip(tasks, stems):
@@ -442,7 +465,9 @@ def build_plan(options: RunOptions) -> RunPlan:
     _check_options(options)
     options = _expand_user_paths(options)
     kernel_range = _kernel_range(options) if options.conv_only else (3, 100)
-    _check_output_folder(options.output_path)
+    _check_writable_folder("output_path", options.output_path)
+    if options.cache and options.cache_dir is not None:
+        _check_writable_folder("cache_dir", options.cache_dir)
     library = _library(options)
 
     pairs = _pairs(options)
@@ -494,7 +519,7 @@ def build_plan(options: RunOptions) -> RunPlan:
     ]
     return RunPlan(
         options=options,
-        tasks=_unique_stems(tasks),
+        tasks=_unique_stems(_without_repeats(tasks)),
         library=library,
         image_count=options.batch_size * options.dataloader_size,
         kernel_range=kernel_range,

@@ -4,6 +4,7 @@ from .checkpoints import CheckpointError, load_state_dict, load_weights
 from .errors import ModelLoadError
 from .hooks import KernelRecorder
 from .layers import (
+    TRACE_EXAMPLES,
     CallRecord,
     LayerInfo,
     LayerSelection,
@@ -28,6 +29,7 @@ from .zoo import (
 
 __all__ = [
     "LIBRARIES",
+    "TRACE_EXAMPLES",
     "CallRecord",
     "CheckpointError",
     "InputSpec",

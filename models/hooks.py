@@ -7,7 +7,8 @@ from torch import nn
 
 from cka.kernels import linear_gram
 
-from .layers import LayerInfo, first_float_tensor
+from .errors import ModelLoadError
+from .layers import LayerInfo, first_float_tensor, restore_training_state, training_state
 
 __all__ = ["KernelRecorder"]
 
@@ -21,8 +22,8 @@ class KernelRecorder:
     BatchNorm) cannot change what was recorded.
 
     Use it as a context manager. Entering registers one hook per distinct module and
-    puts the model in eval mode. Leaving removes every hook and restores the training
-    flag, also after an exception. Nothing is added to the model's modules.
+    puts the model in eval mode. Leaving removes every hook and restores every module's
+    training flag, also after an exception. Nothing is added to the model's modules.
 
     Args:
         model: the model to run.
@@ -47,7 +48,7 @@ class KernelRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = {}
         self._grams: list[torch.Tensor | None] = []
-        self._was_training = model.training
+        self._training_state = training_state(model)
         self._active = False
 
     def __enter__(self) -> "KernelRecorder":
@@ -59,7 +60,7 @@ class KernelRecorder:
         except BaseException:
             self._remove_hooks()
             raise
-        self._was_training = self.model.training
+        self._training_state = training_state(self.model)
         self.model.eval()
         self._active = True
         return self
@@ -67,7 +68,7 @@ class KernelRecorder:
     def __exit__(self, *exc_info) -> None:
         self._active = False
         self._remove_hooks()
-        self.model.train(self._was_training)
+        restore_training_state(self._training_state)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -95,7 +96,7 @@ class KernelRecorder:
             float32 and half-precision models.
 
         Raises:
-            RuntimeError: when a layer did not run in this batch, which happens when the
+            ModelLoadError: when a layer did not run in this batch, which happens when the
                 model's control flow depends on its input.
         """
         if not self._active:
@@ -107,7 +108,7 @@ class KernelRecorder:
 
         missing = [layer.name for layer, gram in zip(self.layers, self._grams) if gram is None]
         if missing:
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"layers traced earlier did not run for this batch: {', '.join(missing[:5])}; "
                 "their model's control flow depends on the input, which CKA over batches "
                 "cannot handle"

@@ -9,13 +9,13 @@ follow the computation and not the order of definition.
 """
 
 import dataclasses
-import logging
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
+    "TRACE_EXAMPLES",
     "CallRecord",
     "LayerInfo",
     "LayerSelection",
@@ -24,12 +24,16 @@ __all__ = [
     "layers_of_modules",
     "max_depth",
     "module_depth",
+    "restore_training_state",
     "select_layers",
     "trace_calls",
+    "training_state",
     "union_of_layers",
 ]
 
-logger = logging.getLogger(__name__)
+TRACE_EXAMPLES = 2
+"""Examples in the trial forward pass that orders layers: with two, an output whose first
+dimension is not the batch can be detected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +77,19 @@ class LayerSelection:
     Attributes:
         layers: compared layers in execution order.
         dropped: ``{layer or module name: reason}`` for selected modules that give no
-            usable layer, for containers replaced by their children, and for the removed
-            output layer.
+            usable layer: they never ran, or their output has no tensor to compare.
         depth: depth actually used: the requested one, or the model's deepest level
             when the request was deeper; -1 for leaves and for ``conv_only``.
+        expanded: ``{container name: reason}`` for ModuleLists and ModuleDicts that never
+            run themselves and were replaced by their children.
+        removed_output: name of the output layer removed by ``remove_output_layer``.
     """
 
     layers: list[LayerInfo]
     dropped: dict[str, str]
     depth: int
+    expanded: dict[str, str] = dataclasses.field(default_factory=dict)
+    removed_output: str | None = None
 
 
 def module_depth(qualified_name: str) -> int:
@@ -115,7 +123,7 @@ def first_float_tensor(output: object) -> torch.Tensor | None:
 def trace_calls(model: nn.Module, inputs: torch.Tensor) -> list[CallRecord]:
     """Run one forward pass and record every module call in the order calls return.
 
-    The model runs in eval mode under ``torch.inference_mode()``; its training flag is
+    The model runs in eval mode under ``torch.inference_mode()``; every module's training flag is
     restored and every hook removed, also when the forward pass raises.
 
     Args:
@@ -137,7 +145,7 @@ def trace_calls(model: nn.Module, inputs: torch.Tensor) -> list[CallRecord]:
 
         return hook
 
-    was_training = model.training
+    training_flags = training_state(model)
     handles = []
     try:
         for name, module in model.named_modules():
@@ -149,8 +157,19 @@ def trace_calls(model: nn.Module, inputs: torch.Tensor) -> list[CallRecord]:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        restore_training_state(training_flags)
     return records
+
+
+def training_state(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Return every module's training flag, so that a frozen submodule can be restored."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_training_state(state: list[tuple[nn.Module, bool]]) -> None:
+    """Set each module's training flag back to what ``training_state`` returned."""
+    for module, training in state:
+        module.training = training
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -301,7 +320,8 @@ def select_layers(
         batch_size: number of examples in the traced batch; a layer whose output does
             not start with that dimension cannot be compared and is dropped.
         depth: ``-1`` for leaf modules, or ``d >= 1`` for the modules at depth ``d`` plus
-            shallower leaves. A depth beyond the deepest module is clamped to it.
+            shallower leaves. A depth beyond the deepest module is clamped to it, and
+            the selection's ``depth`` says so.
         conv_only: keep only leaf convolutions whose every kernel dimension lies in
             ``kernel_range``; ``depth`` and ``remove_output_layer`` are then ignored.
         kernel_range: inclusive ``(min, max)`` kernel size for ``conv_only``.
@@ -315,26 +335,17 @@ def select_layers(
     if conv_only:
         depth = -1
     elif depth != -1:
-        deepest = max_depth(model)
-        if depth > deepest:
-            logger.warning(
-                "%s has no modules at depth %d; using its deepest level %d",
-                type(model).__name__,
-                depth,
-                deepest,
-            )
-            depth = deepest
+        depth = min(depth, max_depth(model))
 
     candidates = _candidate_modules(model, depth, conv_only, kernel_range, include_parameter_free)
     called = {record.module_name for record in calls}
     candidates, replaced = _expand_uncalled_containers(model, candidates, called, include_parameter_free)
     layers, dropped = layers_of_modules(model, calls, candidates, batch_size)
-    dropped.update(replaced)
 
+    removed_output = None
     if remove_output_layer and not conv_only and layers:
-        output_layer = layers.pop()
-        dropped[output_layer.name] = "output layer removed (--remove_output_layer 1)"
-    return LayerSelection(layers=layers, dropped=dropped, depth=depth)
+        removed_output = layers.pop().name
+    return LayerSelection(layers, dropped, depth, replaced, removed_output)
 
 
 def union_of_layers(

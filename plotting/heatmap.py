@@ -4,10 +4,6 @@ import math
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless: the figures are only ever saved
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -57,7 +53,8 @@ def plot_cka_heatmap(
         column_axis: label of the horizontal axis.
 
     Returns:
-        The matplotlib figure; the caller saves or closes it.
+        The matplotlib figure, not registered with pyplot: save it with ``savefig``, or
+        let a notebook display it.
     """
     matrix = np.asarray(matrix, dtype=float)
     if matrix.shape != (len(row_labels), len(column_labels)):
@@ -66,7 +63,8 @@ def plot_cka_heatmap(
             f"and {len(column_labels)} column labels"
         )
     rows, columns = matrix.shape
-    figure = plt.figure(figsize=(_side(columns) + 2.0, _side(rows)), layout="constrained")
+    # A Figure outside pyplot needs no display and leaves the user's backend alone.
+    figure = Figure(figsize=(_side(columns) + 2.0, _side(rows)), layout="constrained")
     axes = figure.add_subplot()
 
     colour_map = matplotlib.colormaps["magma"].with_extremes(bad=NAN_COLOR)

@@ -131,3 +131,14 @@ def test_timm_models_from_command_line(tmp_path):
     archive = np.load(output / "depth_1_mobilenetv3_small_050_vs_resnet18.npz")
     assert list(archive["rows"])[:2] == ["conv1", "bn1"]
     assert np.isfinite(archive["cka"]).all()
+
+
+def test_frozen_submodule_stays_frozen():
+    model = _tiny(0).train()
+    model[0].eval()
+
+    compare_models(model, model, _loader())
+
+    assert model.training
+    assert not model[0].training
+    assert model[2].training

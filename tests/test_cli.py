@@ -109,7 +109,8 @@ def test_run_record(torchvision_run):
     models = {model["label"]: model for model in record["models"]}
     assert set(models) == {"resnet18", "resnet34"}
     scopes = {scope["depth_requested"]: scope for scope in models["resnet18"]["scopes"]}
-    assert scopes[2]["dropped"] == {"fc": "output layer removed (--remove_output_layer 1)"}
+    assert scopes[2]["dropped"] == {}
+    assert scopes[2]["output_layer_removed"] == "fc"
     assert len(scopes[-1]["layers"]) == 40
     assert "total_s" in record["timings_s"]
 

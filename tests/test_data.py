@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DatasetError, Normalizer, make_transform, open_images, resized_batches
+from data import DatasetError, Normalizer, open_images, resized_batches
 
 
 def test_sample_photos_are_deterministic():
@@ -52,11 +52,11 @@ def test_folder_with_class_subfolders(tmp_path):
 def test_grayscale_becomes_three_channels(tmp_path):
     _write_images(tmp_path, 2, mode="L")
 
-    image = open_images(str(tmp_path), 2)[0]
-    tensor = make_transform(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(image)
+    images = open_images(str(tmp_path), 2)
+    batch = next(iter(resized_batches(images, 16, 2)))
 
-    assert image.mode == "RGB"
-    assert tensor.shape == (3, 16, 16)
+    assert images[0].mode == "RGB"
+    assert batch.shape == (2, 3, 16, 16)
 
 
 def test_folder_with_too_few_images(tmp_path):
@@ -77,21 +77,21 @@ def test_missing_dataset_without_download(tmp_path):
 
 
 def test_bgr_0_255_preprocessing():
-    image = Image.fromarray(np.array([[[255, 0, 0]]], dtype=np.uint8))
-    transform = make_transform(1, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
-                               value_range=(0.0, 255.0), color_space="BGR")
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1)
+    normalizer = Normalizer(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
+                            value_range=(0.0, 255.0), color_space="BGR")
 
-    values = transform(image).flatten().tolist()
+    values = normalizer(red).flatten().tolist()
 
     # A pure red pixel in BGR order: blue 0, green 0, red 255, minus the BGR means.
     assert values == pytest.approx([0.0 - 104.0, 0.0 - 117.0, 255.0 - 128.0])
 
 
 def test_rgb_imagenet_preprocessing():
-    image = Image.fromarray(np.full((4, 6, 3), 128, dtype=np.uint8))
+    grey = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    tensor = make_transform(2, mean, std)(image)
+    tensor = Normalizer(mean, std)(grey)[0]
 
     expected = [(128 / 255 - m) / s for m, s in zip(mean, std)]
     assert tensor.shape == (3, 2, 2)

@@ -82,7 +82,7 @@ def test_constant_layer_gives_nan_row_marked_in_heatmap_and_log(caplog):
     assert torch.isnan(comparison.matrix[1]).all()
     assert torch.isnan(comparison.matrix[:, 1]).all()
     assert float(comparison.matrix[0, 0]) == pytest.approx(1.0)
-    assert "branchy: 1 layer(s) give the same kernel for every image" in caplog.text
+    assert "branchy: 1 layer(s) have undefined CKA" in caplog.text
     assert "dead" in caplog.text
     label = comparison.plot().axes[1].get_ylabel()
     assert "grey: 3 undefined cells" in label

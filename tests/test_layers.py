@@ -25,7 +25,8 @@ def test_resnet18_depth_one(resnet18):
     selection = select_layers(model, calls, batch_size=2, depth=1)
 
     assert _names(selection) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
-    assert "fc" in selection.dropped
+    assert selection.removed_output == "fc"
+    assert selection.dropped == {}
 
 
 def test_resnet18_depth_two(resnet18):
@@ -57,6 +58,7 @@ def test_resnet18_leaves_keep_output_layer(resnet18):
 
     assert len(selection.layers) == 41
     assert selection.layers[-1].name == "fc"
+    assert selection.removed_output is None
 
 
 def test_resnet18_conv_only(resnet18):
@@ -80,13 +82,12 @@ def test_resnet18_conv_only_exact_size(resnet18):
     assert _names(selection) == [f"layer{stage}.0.downsample.0" for stage in (2, 3, 4)]
 
 
-def test_depth_beyond_deepest_is_clamped(resnet18, caplog):
+def test_depth_beyond_deepest_is_clamped(resnet18):
     model, calls = resnet18
 
     selection = select_layers(model, calls, batch_size=2, depth=9)
 
     assert selection.depth == 4
-    assert "no modules at depth 9" in caplog.text
     assert _names(selection) == _names(select_layers(model, calls, batch_size=2, depth=-1))
 
 
@@ -113,6 +114,30 @@ class DefinedOutOfOrder(nn.Module):
 
     def forward(self, x):
         return self.late(torch.relu(self.early(x)))
+
+
+class Stages(nn.Module):
+    """``stages`` is a ModuleList that never runs itself, like ConvNeXt's and MaxViT's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def test_module_list_is_replaced_by_children():
+    model = Stages()
+    calls = trace_calls(model, torch.randn(2, 4))
+
+    selection = select_layers(model, calls, batch_size=2, depth=1, remove_output_layer=False)
+
+    assert _names(selection) == ["stages.0", "stages.1"]
+    assert list(selection.expanded) == ["stages"]
+    assert selection.dropped == {}
 
 
 def test_rows_follow_execution_order():

@@ -95,7 +95,7 @@ def test_compare_pretrained_gives_distinct_labels(tmp_path):
     assert task.stem == "depth_-1_resnet18-random_vs_resnet18-pretrained"
 
 
-def test_file_stems_never_collide(tmp_path):
+def test_repeated_pairs_run_once_and_stems_differ(tmp_path, caplog):
     plan = _plan(
         tmp_path,
         models_names=["resnet18", "resnet18", "resnet18"],
@@ -103,8 +103,27 @@ def test_file_stems_never_collide(tmp_path):
     )
 
     stems = [task.stem for task in plan.tasks]
-    assert len(set(stems)) == 3
-    assert stems[0].startswith("depth_-1_resnet18_vs_resnet18")
+    assert stems == ["depth_-1_resnet18_vs_resnet18_linear_CKA", "depth_-1_resnet18_vs_resnet18_kernel_CKA"]
+    assert "1 repeated pair(s) are computed once" in caplog.text
+
+
+def test_weights_with_same_file_name_get_distinct_labels(tmp_path):
+    paths = []
+    for folder in ("run_a", "run_b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "best.pt").write_bytes(b"")
+        paths.append(str(tmp_path / folder / "best.pt"))
+
+    plan = _plan(tmp_path, models_names=["resnet18", "resnet18"], weights=paths, compare_all=1)
+
+    labels = [(task.model_x.label, task.model_y.label) for task in plan.tasks]
+    assert labels == [
+        ("resnet18-best-run_a", "resnet18-best-run_a"),
+        ("resnet18-best-run_a", "resnet18-best-run_b"),
+        ("resnet18-best-run_b", "resnet18-best-run_b"),
+    ]
+    assert len({task.stem for task in plan.tasks}) == 3
+    assert not any(task.stem.endswith("CKA") for task in plan.tasks)
 
 
 def test_conv_only_ignores_depth_with_warning(tmp_path, caplog):

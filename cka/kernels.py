@@ -6,6 +6,7 @@ float32 before any arithmetic, because half-precision products overflow and thei
 lose digits.
 """
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -59,17 +60,25 @@ _MAX_NORM_TO_MEDIAN_DISTANCE = 16.0
 
 
 def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
-    """Tell from a shifted Gram matrix whether a better reference example is needed."""
-    gram = gram.to(torch.float64)
-    total = torch.trace(gram).item()
-    centered = total - gram.sum().item() / gram.shape[0]
-    if centered < _MIN_CENTERED_SHARE * total:
+    """Tell from a shifted CPU Gram matrix whether a better reference example is needed.
+
+    NumPy does the few operations on the small matrix with much less per-call overhead
+    than torch, which matters at one call per layer and batch.
+    """
+    matrix = gram.numpy().astype(np.float64)
+    norms = np.diagonal(matrix)
+    total = norms.sum()
+    centered = total - matrix.sum() / matrix.shape[0]
+    if not centered >= _MIN_CENTERED_SHARE * total:
         return True
     if not for_distances:
         return False
-    largest_norm = torch.diagonal(gram).max().item()
-    median = _median_off_diagonal(squared_distances(gram)).item()
-    return not largest_norm <= _MAX_NORM_TO_MEDIAN_DISTANCE * median
+    upper = np.triu_indices(matrix.shape[0], k=1)
+    distances = (norms[:, None] + norms[None, :] - 2.0 * matrix)[upper]
+    # The lower median is enough for a bound, and partition avoids a full sort.
+    middle = (distances.size - 1) // 2
+    median = np.partition(distances, middle)[middle]
+    return not norms.max() <= _MAX_NORM_TO_MEDIAN_DISTANCE * median
 
 
 def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:

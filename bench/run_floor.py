@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Time the bare forward passes of torchvision models over preprocessed images: the floor.
+
+No CKA tool can take less time than running its models once over the images, so
+``bench/benchmark.py`` reports every tool's time as a multiple of this one. Each model is
+built with ``weights=None`` after ``torch.manual_seed(--seed)``, as the other tools build
+it, and runs once over every batch under ``torch.inference_mode()``. Model building and
+reading the images are not timed.
+
+Example:
+
+    python bench/run_floor.py --models resnet18 resnet34 --images images.npy \\
+        --batch_size 64 --out floor.npz
+
+The output .npz contains ``seconds``, ``peak_rss_kib``, ``rss_kib_before`` (the RSS right
+before the timed part) and ``model_bytes``, the size of the models' parameters and buffers.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from process_memory import current_rss_kib, peak_rss_kib
+from workloads import SEED
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="torchvision model names")
+    parser.add_argument(
+        "--images", type=Path, required=True, help=".npy file of preprocessed float32 images, shape (N, 3, S, S)"
+    )
+    parser.add_argument("--batch_size", type=int, required=True, help="images per batch")
+    parser.add_argument(
+        "--seed", type=int, default=SEED,
+        help=f"torch.manual_seed value set before each model is built (default: {SEED})",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output .npz file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be positive, got {args.batch_size}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    images = torch.from_numpy(np.load(args.images))
+    batches = list(torch.split(images, args.batch_size))
+    models = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        models.append(torchvision.models.get_model(name, weights=None).eval())
+
+    model_bytes = sum(
+        tensor.numel() * tensor.element_size()
+        for model in models
+        for tensor in [*model.parameters(), *model.buffers()]
+    )
+
+    peak_before = peak_rss_kib()
+    rss_before = current_rss_kib()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for model in models:
+            for batch in batches:
+                model(batch)
+    seconds = time.perf_counter() - start
+    peak_after = peak_rss_kib()
+
+    np.savez(
+        args.out,
+        seconds=seconds,
+        peak_rss_kib=peak_after,
+        peak_rss_kib_before=peak_before,
+        rss_kib_before=rss_before,
+        model_bytes=model_bytes,
+        torch_version=torch.__version__,
+        torch_num_threads=torch.get_num_threads(),
+    )
+    print(
+        f"floor: {len(models)} models over {len(batches)} batches in {seconds:.3f} s, "
+        f"peak RSS {peak_after / 1024:.0f} MiB, saved to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

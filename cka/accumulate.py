@@ -32,7 +32,7 @@ class MinibatchCKA:
 
     Args:
         rows: number of row layers; with ``columns``, starts the sums at zero so that
-            an accumulator that sees no batch can still be merged with others.
+            an accumulator given no batch can still be merged with others.
         columns: number of column layers.
 
     Attributes:

@@ -89,7 +89,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
     product therefore runs on ``shift_features``: the first example is subtracted,
     which is exact for a constant layer and usually leaves an offset no larger than the
     spread of the examples. When the first example lies far out (the centered part of
-    the kernel holds less than a quarter of its trace or, with ``for_distances``, an
+    the kernel is less than a quarter of its trace or, with ``for_distances``, an
     example's squared norm exceeds 16 times the median squared distance), the product
     runs again after subtracting the example closest to the batch mean, which keeps at
     least half of the trace centered. On GPUs that second product always runs, because

@@ -85,7 +85,7 @@ def resized_batches(
 ) -> DataLoader:
     """Return a loader of ``(batch_size, 3, size, size)`` uint8 RGB batches, in order.
 
-    Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size - 1`` and nothing
+    Batch ``b`` contains images ``b * batch_size`` to ``(b + 1) * batch_size - 1`` and nothing
     is shuffled, so two models given the same ``images`` and ``batch_size`` see the same
     batches.
 

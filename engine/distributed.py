@@ -23,7 +23,7 @@ _TIMEOUT = datetime.timedelta(hours=6)
 
 @dataclasses.dataclass(frozen=True)
 class DistributedContext:
-    """Where this process stands among the processes of one run.
+    """The position of this process among the processes of one run.
 
     Attributes:
         rank: global index of this process, 0 for a single process.

@@ -84,7 +84,7 @@ def save_cka_matrix(
     """Write a CKA matrix as a heatmap PNG, a CSV and an NPZ next to each other.
 
     The CSV has the column layer names as header and the row layer name first on each
-    row. The NPZ holds ``cka``, ``rows``, ``columns``, ``model_x``, ``model_y`` and every
+    row. The NPZ contains ``cka``, ``rows``, ``columns``, ``model_x``, ``model_y`` and every
     entry of ``metadata``. Each file is written under a temporary name and renamed, so
     no reader sees half a file.
 
@@ -265,9 +265,10 @@ def write_outputs(
 ) -> dict[str, list[str]]:
     """Write every pair's PNG, CSV and NPZ, then the run record, into the output folder.
 
-    The files are first written into a hidden staging folder inside the output folder,
-    then moved into place together with interrupts held back, so an interrupted run
-    leaves either all of its files or none, never a mix with an earlier run's. Files
+    The files are first written into a hidden staging folder inside the output folder.
+    They are then moved into place together, with interrupts held back. So an
+    interrupted run leaves either all of its files or none, never a mix with an earlier
+    run's. Files
     from an earlier run with the same names are replaced.
 
     Args:

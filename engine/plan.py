@@ -280,7 +280,7 @@ def _check_writable_folder(flag: str, path: str) -> None:
     """Raise UsageError unless ``path`` is a writable folder or can be created as one.
 
     Nothing is created: a test file is written and removed in ``path`` or in its
-    nearest existing parent, because ``os.access`` says yes to root even where writes
+    nearest existing parent, because ``os.access`` returns True for root even where writes
     fail (``/proc``, read-only mounts).
     """
     if not path:

@@ -131,8 +131,8 @@ class PairResult:
 class RunResult:
     """Everything a run computed, for the output files and the run record.
 
-    Under ``torchrun`` every rank returns the same matrices; ``context`` says which
-    rank this is.
+    Under ``torchrun`` every rank returns the same matrices; ``context`` identifies
+    this rank.
     """
 
     plan: RunPlan

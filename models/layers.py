@@ -321,7 +321,7 @@ def select_layers(
             not start with that dimension cannot be compared and is dropped.
         depth: ``-1`` for leaf modules, or ``d >= 1`` for the modules at depth ``d`` plus
             shallower leaves. A depth beyond the deepest module is clamped to it, and
-            the selection's ``depth`` says so.
+            the selection's ``depth`` is the one used.
         conv_only: keep only leaf convolutions whose every kernel dimension lies in
             ``kernel_range``; ``depth`` and ``remove_output_layer`` are then ignored.
         kernel_range: inclusive ``(min, max)`` kernel size for ``conv_only``.

@@ -1,6 +1,6 @@
 """A representative slice of both model zoos: each model runs and compares to itself.
 
-The full sweep over every model is ``bench/zoo_sweep.py``; this slice keeps the awkward
+The full sweep over every model is ``bench/zoo_sweep.py``. This slice keeps the awkward
 cases in CI: an auxiliary head that never runs in eval mode (inception_v3, googlenet),
 attention projections used only through their weights (vit_b_16), ModuleLists that never
 run (convnext_tiny), hundreds of layers (densenet121, nasnetamobile), BGR input in 0..255

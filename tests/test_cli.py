@@ -174,6 +174,8 @@ USAGE_ERRORS = [
                  r"inception_v3 rejected a 32x32 input", id="input-size"),
     pytest.param(["--models_names", "resnet18", "--torchvision", "1", "--dataset", "CIFAR10", "--download", "0"],
                  "CIFAR10 is not in", id="dataset-missing"),
+    pytest.param(["--models_names", "resnet18", "--torchvision", "1", "--cache_dir", "/proc/cka_cache"],
+                 "--cache_dir /proc/cka_cache cannot be written", id="cache-unwritable"),
 ]
 
 
@@ -195,6 +197,15 @@ def test_usage_error_exits_with_message_and_writes_nothing(tmp_path, caplog, arg
     assert len(errors) == 1
     assert re.search(message, errors[0])
     assert not output.exists()
+
+
+def test_unwritable_output_folder(caplog):
+    status = main(_with_defaults(["--models_names", "resnet18", "--torchvision", "1",
+                                  "--output_path", "/proc/cka_output"]))
+
+    assert status == EXIT_USAGE
+    assert "--output_path /proc/cka_output cannot be written" in caplog.text
+    assert not os.path.exists("/proc/cka_output")
 
 
 def test_usage_error_from_shell_has_no_traceback(tmp_path):

@@ -6,6 +6,8 @@ float32 before any arithmetic, because half-precision products overflow and thei
 lose digits.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -59,6 +61,11 @@ _MIN_CENTERED_SHARE = 0.25
 _MAX_NORM_TO_MEDIAN_DISTANCE = 16.0
 
 
+@functools.lru_cache(maxsize=16)
+def _upper_triangle(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, k=1)
+
+
 def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
     """Tell from a shifted CPU Gram matrix whether a better reference example is needed.
 
@@ -73,8 +80,7 @@ def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
         return True
     if not for_distances:
         return False
-    upper = np.triu_indices(matrix.shape[0], k=1)
-    distances = (norms[:, None] + norms[None, :] - 2.0 * matrix)[upper]
+    distances = (norms[:, None] + norms[None, :] - 2.0 * matrix)[_upper_triangle(matrix.shape[0])]
     # The lower median is enough for a bound, and partition avoids a full sort.
     middle = (distances.size - 1) // 2
     median = np.partition(distances, middle)[middle]

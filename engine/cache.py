@@ -27,7 +27,7 @@ from .atomic import atomic_path
 
 __all__ = ["CACHE_FORMAT", "KernelCache", "code_fingerprint", "default_cache_dir", "fingerprint"]
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Version of the entries' layout."""
 
 _VERSIONED_PACKAGES = {
@@ -105,43 +105,54 @@ class KernelCache:
     def _grams_path(self, model_key: str, batch: int) -> str:
         return os.path.join(self.folder, model_key, f"batch{batch}.npz")
 
-    def _read(self, model_key: str, batch: int) -> tuple[list[str], np.ndarray] | None:
+    def _read(self, model_key: str, batch: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
         path = self._grams_path(model_key, batch)
         if not os.path.exists(path):
             return None
         with np.load(path) as archive:
-            return archive["layers"].tolist(), archive["grams"]
+            return archive["layers"].tolist(), archive["grams"], archive["for_distances"]
 
-    def put_grams(self, model_key: str, batch: int, layers: list[str], grams: torch.Tensor) -> None:
+    def put_grams(
+        self, model_key: str, batch: int, layers: list[str], grams: torch.Tensor, for_distances: bool
+    ) -> None:
         """Store one batch's ``(layers, n, n)`` Gram matrices with their layer names.
 
-        Layers of an existing entry that ``layers`` lacks are kept, so runs at other
-        depths add to an entry instead of replacing it.
+        ``for_distances`` records whether they were checked to be accurate for distances
+        (``linear_gram``), which RBF kernels need. Layers of an existing entry that
+        ``layers`` lacks are kept, so runs at other depths add to an entry instead of
+        replacing it.
         """
         names = list(layers)
         array = grams.detach().cpu().numpy()
+        checked = np.full(len(names), for_distances)
         existing = self._read(model_key, batch)
         if existing is not None:
-            old_names, old_grams = existing
+            old_names, old_grams, old_checked = existing
             extra = [index for index, name in enumerate(old_names) if name not in set(names)]
             if extra and old_grams.shape[1:] == array.shape[1:]:
                 names += [old_names[index] for index in extra]
                 array = np.concatenate([array, old_grams[extra].astype(array.dtype)])
+                checked = np.concatenate([checked, old_checked[extra]])
         with atomic_path(self._grams_path(model_key, batch)) as partial:
             with open(partial, "wb") as handle:
-                np.savez(handle, layers=np.array(names), grams=array)
+                np.savez(handle, layers=np.array(names), grams=array, for_distances=checked)
 
-    def stored_layers(self, model_key: str, batch: int) -> set[str]:
-        """Return the layer names an entry covers; empty when there is no entry."""
+    def stored_layers(self, model_key: str, batch: int, for_distances: bool = False) -> set[str]:
+        """Return the layer names an entry covers; empty when there is no entry.
+
+        With ``for_distances``, only layers whose matrices were checked for distances.
+        """
         path = self._grams_path(model_key, batch)
         if not os.path.exists(path):
             return set()
         with np.load(path) as archive:
-            return set(archive["layers"].tolist())
+            names = archive["layers"].tolist()
+            checked = archive["for_distances"].tolist()
+        return {name for name, ok in zip(names, checked) if ok or not for_distances}
 
     def get_grams(self, model_key: str, batch: int, layers: list[str]) -> torch.Tensor:
         """Load the Gram matrices of ``layers``, in that order, from an entry that covers them."""
-        names, grams = self._read(model_key, batch)
+        names, grams, _ = self._read(model_key, batch)
         row = {name: index for index, name in enumerate(names)}
         return torch.from_numpy(grams[[row[name] for name in layers]])
 

@@ -9,6 +9,7 @@ a persistent cache are not computed again. Under ``torchrun`` each rank takes it
 all-reduce adds the ranks' sums.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -85,6 +86,11 @@ class PreparedModel:
     key: str
     cached_batches: list[int] = dataclasses.field(default_factory=list)
     build_seconds: float = 0.0
+
+    @property
+    def needs_distances(self) -> bool:
+        """Whether a pair needs RBF kernels, whose Gram matrices must give exact distances."""
+        return any(settings.kernel == "rbf" for settings in self.settings)
 
     @property
     def layer_names(self) -> list[str]:
@@ -299,6 +305,26 @@ def _log_selection(spec: ModelSpec, selections: dict) -> None:
         )
 
 
+def _prefetched(items):
+    """Iterate ``items`` while a thread prepares the next one.
+
+    Resizing releases the GIL, so the next batch's images are prepared while the model
+    runs on the current one. Exceptions of the thread are raised where its item is used.
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    iterator = iter(items)
+    try:
+        pending = executor.submit(next, iterator, None)
+        while True:
+            item = pending.result()
+            if item is None:
+                return
+            pending = executor.submit(next, iterator, None)
+            yield item
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
 def _pixel_batches(
     images: ImageSet, size: int, batches: list[int], plan: RunPlan, scratch: ScratchStore, keep: bool
 ):
@@ -309,7 +335,8 @@ def _pixel_batches(
     options = plan.options
     keys = {batch: f"pixels{size}_batch{batch}" for batch in batches}
     missing = [batch for batch in batches if keys[batch] not in scratch]
-    loader = iter(resized_batches(images, size, options.batch_size, options.num_workers, missing))
+    loader = resized_batches(images, size, options.batch_size, options.num_workers, missing)
+    loader = _prefetched(loader) if options.num_workers == 0 else iter(loader)
     for batch in batches:
         if batch in missing:
             pixels = next(loader)
@@ -322,11 +349,14 @@ def _pixel_batches(
 
 def _batches_to_compute(prepared: PreparedModel, batches: list[int], cache: KernelCache) -> list[int]:
     needed = set(prepared.layer_names)
-    return [batch for batch in batches if not needed <= cache.stored_layers(prepared.key, batch)]
+    return [
+        batch
+        for batch in batches
+        if not needed <= cache.stored_layers(prepared.key, batch, prepared.needs_distances)
+    ]
 
 
-def _gram_for_any_kernel(features: torch.Tensor) -> torch.Tensor:
-    # Accurate enough for distances, so the cached matrices serve RBF kernels as well.
+def _gram_for_distances(features: torch.Tensor) -> torch.Tensor:
     return linear_gram(features, for_distances=True)
 
 
@@ -350,11 +380,13 @@ def compute_kernels(
         disable=not progress,
     )
     try:
-        with KernelRecorder(module, prepared.layers, gram=_gram_for_any_kernel) as recorder:
+        distances = prepared.needs_distances
+        gram = _gram_for_distances if distances else linear_gram
+        with KernelRecorder(module, prepared.layers, gram=gram) as recorder:
             pixel_batches = _pixel_batches(images, prepared.spec.input_size, batches, plan, scratch, keep_pixels)
             for batch, pixels in pixel_batches:
                 inputs = prepared.normalizer(pixels.to(device, non_blocking=True))
-                cache.put_grams(prepared.key, batch, prepared.layer_names, recorder.grams(inputs))
+                cache.put_grams(prepared.key, batch, prepared.layer_names, recorder.grams(inputs), distances)
                 bar.update(1)
     finally:
         bar.close()

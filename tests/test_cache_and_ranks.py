@@ -71,20 +71,35 @@ def test_changing_a_key_input_recomputes(tmp_path, change):
     assert cached == {"resnet18": []}
 
 
-@pytest.mark.parametrize(
-    "change",
-    [["--CKA_type", "kernel_CKA"], ["--hsic", "biased"], ["--CKA_type", "kernel_CKA", "--rbf_sigma", "2"]],
-    ids=["kernel", "estimator", "sigma"],
-)
-def test_kernel_settings_reuse_cached_grams(tmp_path, change):
-    _run(tmp_path, "first", *SMALL)
+RBF = ["--CKA_type", "kernel_CKA"]
 
-    changed, cached = _run(tmp_path, "changed", *SMALL, *change)
-    _, fresh = _run(tmp_path, "fresh", *SMALL, *change, "--cache", "0")
+
+@pytest.mark.parametrize(
+    "first, change",
+    [([], ["--hsic", "biased"]), (RBF, ["--CKA_type", "linear_CKA"]), (RBF, ["--rbf_sigma", "2"])],
+    ids=["estimator", "kernel", "sigma"],
+)
+def test_kernel_settings_reuse_cached_grams(tmp_path, first, change):
+    _run(tmp_path, "first", *SMALL, *first)
+
+    changed, cached = _run(tmp_path, "changed", *SMALL, *first, *change)
+    _, fresh = _run(tmp_path, "fresh", *SMALL, *first, *change, "--cache", "0")
 
     assert cached == {"resnet18": [0, 1]}
     for name, matrix in _matrices(changed).items():
         assert np.allclose(matrix, _matrices(tmp_path / "fresh")[name], atol=1e-12)
+
+
+def test_rbf_kernels_recompute_grams_not_checked_for_distances(tmp_path):
+    # Linear CKA skips the distance check of linear_gram, so its cached matrices do
+    # not serve RBF kernels; RBF runs check it, and their matrices serve linear CKA.
+    _run(tmp_path, "first", *SMALL)
+
+    _, cached = _run(tmp_path, "rbf", *SMALL, *RBF)
+    _, again = _run(tmp_path, "linear", *SMALL)
+
+    assert cached == {"resnet18": []}
+    assert again == {"resnet18": [0, 1]}
 
 
 def test_other_depths_add_to_cached_entries(tmp_path):

@@ -7,14 +7,15 @@ layer's output into a Gram matrix with ``linear_gram``, packs the batch's kernel
 
 from .accumulate import KERNELS, MinibatchCKA, kernels_from_grams, layer_kernels, minibatch_cka, pack_grams
 from .estimators import MIN_EXAMPLES, center_kernels, hsic, hsic_vectors
-from .kernels import shift_features, linear_gram, rbf_from_gram, squared_distances
+from .kernels import accurate_gram, channel_grams, linear_gram, rbf_from_gram, shift_features, squared_distances
 
 __all__ = [
     "KERNELS",
     "MIN_EXAMPLES",
     "MinibatchCKA",
-    "shift_features",
+    "accurate_gram",
     "center_kernels",
+    "channel_grams",
     "hsic",
     "hsic_vectors",
     "kernels_from_grams",
@@ -23,5 +24,6 @@ __all__ = [
     "minibatch_cka",
     "pack_grams",
     "rbf_from_gram",
+    "shift_features",
     "squared_distances",
 ]

@@ -14,6 +14,8 @@ import torch
 __all__ = [
     "shift_features",
     "linear_gram",
+    "channel_grams",
+    "accurate_gram",
     "rbf_from_gram",
     "squared_distances",
 ]
@@ -94,12 +96,8 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
     unchanged, but a large common offset costs a float32 product its digits. The
     product therefore runs on ``shift_features``: the first example is subtracted,
     which is exact for a constant layer and usually leaves an offset no larger than the
-    spread of the examples. When the first example lies far out (the centered part of
-    the kernel is less than a quarter of its trace or, with ``for_distances``, an
-    example's squared norm exceeds 16 times the median squared distance), the product
-    runs again after subtracting the example closest to the batch mean, which keeps at
-    least half of the trace centered. On GPUs that second product always runs, because
-    the check would wait for the device at every layer.
+    spread of the examples. ``accurate_gram`` then checks the product and computes it
+    again from a better reference example when needed.
 
     Args:
         features: ``(n, ...)`` representations of ``n`` examples; half precision is
@@ -110,11 +108,52 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
         ``(n, n)`` Gram matrix, float32 for float32 and half-precision input.
     """
     shifted = shift_features(features)
-    gram = shifted @ shifted.T
-    if shifted.device.type == "cpu" and not _imprecise(gram, for_distances):
+    return accurate_gram(shifted @ shifted.T, features, for_distances)
+
+
+def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
+    """Return a Gram matrix of ``features`` shifted by their first example, or a better one.
+
+    The first example lies too far out when the centered part of ``gram`` is less than
+    a quarter of its trace or, with ``for_distances``, when an example's squared norm
+    exceeds 16 times the median squared distance. The product then runs again after
+    subtracting the example closest to the batch mean, which keeps at least half of the
+    trace centered. On GPUs that second product always runs, because the check would wait
+    for the device at every layer.
+
+    Args:
+        gram: ``(n, n)`` Gram matrix of ``shift_features(features)``, however computed.
+        features: ``(n, ...)`` representations the matrix was computed from.
+        for_distances: the matrix will give distances between examples (RBF kernels).
+
+    Returns:
+        ``gram`` itself, or the ``(n, n)`` matrix computed again.
+    """
+    if gram.device.type == "cpu" and not _imprecise(gram, for_distances):
         return gram
-    recentered = shift_features(shifted, _central_example(gram))
+    recentered = shift_features(features, _central_example(gram))
     return recentered @ recentered.T
+
+
+def channel_grams(features: torch.Tensor) -> torch.Tensor:
+    """Compute one Gram matrix per channel of a batch shifted by its first example.
+
+    Their sum is the Gram matrix of ``shift_features(features)``, and a sum weighted by
+    squared per-channel scales is the Gram matrix of the features with each channel
+    scaled, which is what a BatchNorm in eval mode does to them. On CPUs a batched
+    product over channels is about as fast as the single product when every channel
+    has at least as many values per example as there are examples.
+
+    Args:
+        features: ``(n, channels, ...)`` representations of ``n`` examples; half
+            precision is upcast to float32.
+
+    Returns:
+        ``(channels, n, n)`` Gram matrices, float32 for float32 and half-precision input.
+    """
+    n, channels = features.shape[:2]
+    shifted = shift_features(features).reshape(n, channels, -1)
+    return torch.bmm(shifted.transpose(0, 1), shifted.permute(1, 2, 0))
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

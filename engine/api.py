@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cka import KERNELS, MIN_EXAMPLES, MinibatchCKA, linear_gram, pack_grams
+from cka import KERNELS, MIN_EXAMPLES, MinibatchCKA, pack_grams
 from models import TRACE_EXAMPLES, KernelRecorder, LayerInfo, layers_of_modules, select_layers, trace_calls
 from plotting import plot_cka_heatmap
 
@@ -217,9 +217,6 @@ def compare_models(
     layers = None
     examples = 0
 
-    def gram(features: torch.Tensor) -> torch.Tensor:
-        return linear_gram(features, for_distances=kernel == "rbf")
-
     def packed(recorder: KernelRecorder, inputs: torch.Tensor) -> torch.Tensor:
         return pack_grams(recorder.grams(inputs), kernel, estimator, sigma)
 
@@ -243,9 +240,9 @@ def compare_models(
                 )
 
             with full_float32_matmul():
-                with KernelRecorder(model_x, layers[0], gram) as recorder_x:
+                with KernelRecorder(model_x, layers[0], for_distances=kernel == "rbf") as recorder_x:
                     vectors_x = packed(recorder_x, inputs_x)
-                with KernelRecorder(model_y, layers[1], gram) as recorder_y:
+                with KernelRecorder(model_y, layers[1], for_distances=kernel == "rbf") as recorder_y:
                     vectors_y = packed(recorder_y, inputs_y)
             accumulator.update(vectors_x, vectors_y)
             examples += len(inputs_x)

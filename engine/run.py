@@ -21,7 +21,7 @@ import torchvision.transforms.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
-from cka import MinibatchCKA, linear_gram, pack_grams
+from cka import MinibatchCKA, pack_grams
 from data import ImageSet, Normalizer, open_images, resized_batches
 from models import (
     CallRecord,
@@ -356,10 +356,6 @@ def _batches_to_compute(prepared: PreparedModel, batches: list[int], cache: Kern
     ]
 
 
-def _gram_for_distances(features: torch.Tensor) -> torch.Tensor:
-    return linear_gram(features, for_distances=True)
-
-
 def compute_kernels(
     prepared: PreparedModel,
     batches: list[int],
@@ -381,8 +377,7 @@ def compute_kernels(
     )
     try:
         distances = prepared.needs_distances
-        gram = _gram_for_distances if distances else linear_gram
-        with KernelRecorder(module, prepared.layers, gram=gram) as recorder:
+        with KernelRecorder(module, prepared.layers, for_distances=distances) as recorder:
             pixel_batches = _pixel_batches(images, prepared.spec.input_size, batches, plan, scratch, keep_pixels)
             for batch, pixels in pixel_batches:
                 inputs = prepared.normalizer(pixels.to(device, non_blocking=True))

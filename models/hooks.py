@@ -1,11 +1,12 @@
 """Forward hooks that turn layer outputs into Gram matrices while the model runs."""
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from cka.kernels import linear_gram
+from cka.kernels import accurate_gram, channel_grams, linear_gram
 
 from .errors import ModelLoadError
 from .layers import LayerInfo, first_float_tensor, restore_training_state, training_state
@@ -21,6 +22,13 @@ class KernelRecorder:
     and an in-place operation that runs later (a ``ReLU(inplace=True)`` after a
     BatchNorm) cannot change what was recorded.
 
+    On the CPU, a layer whose channels hold at least as many values per example as
+    there are examples gets its Gram matrix from per-channel products
+    (``channel_grams``). When a BatchNorm in eval mode takes that very output next,
+    unchanged, its Gram matrix is the per-channel matrices weighted by its squared
+    scales, and its own product is skipped: a convolution and its BatchNorm cost one
+    product instead of two.
+
     Use it as a context manager. Entering registers one hook per distinct module and
     puts the model in eval mode. Leaving removes every hook and restores every module's
     training flag, also after an exception. Nothing is added to the model's modules.
@@ -28,7 +36,8 @@ class KernelRecorder:
     Args:
         model: the model to run.
         layers: layers to record, in the order the returned stack should follow.
-        gram: maps a ``(n, ...)`` output to its ``(n, n)`` Gram matrix.
+        for_distances: the matrices will give distances between examples (RBF
+            kernels), which ``linear_gram`` checks for.
 
     Example:
         >>> with KernelRecorder(model, layers) as recorder:
@@ -39,15 +48,16 @@ class KernelRecorder:
         self,
         model: nn.Module,
         layers: Sequence[LayerInfo],
-        gram: Callable[[torch.Tensor], torch.Tensor] = linear_gram,
+        for_distances: bool = False,
     ) -> None:
         self.model = model
         self.layers = list(layers)
-        self.gram = gram
+        self.for_distances = for_distances
         self._index = {(layer.module_name, layer.call): i for i, layer in enumerate(self.layers)}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = {}
         self._grams: list[torch.Tensor | None] = []
+        self._channels: _ChannelGrams | None = None
         self._training_state = training_state(model)
         self._active = False
 
@@ -81,9 +91,23 @@ class KernelRecorder:
             self._calls[module_name] = call
             index = self._index.get((module_name, call))
             if index is not None:
-                self._grams[index] = self.gram(first_float_tensor(output))
+                self._grams[index] = self._gram(module, args, first_float_tensor(output))
 
         return hook
+
+    def _gram(self, module: nn.Module, args: tuple, features: torch.Tensor) -> torch.Tensor:
+        if features.device.type != "cpu":
+            return linear_gram(features, self.for_distances)
+        channels, self._channels = self._channels, None
+        scales = _batchnorm_scales(module)
+        if channels is not None and scales is not None and args and channels.came_from(args[0]):
+            gram = torch.tensordot(scales.square(), channels.grams.double(), dims=1).to(channels.grams.dtype)
+        elif _splits_into_channels(features):
+            self._channels = _ChannelGrams(features)
+            gram = self._channels.grams.sum(dim=0, dtype=torch.float64).to(self._channels.grams.dtype)
+        else:
+            return linear_gram(features, self.for_distances)
+        return accurate_gram(gram, features, self.for_distances)
 
     def grams(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run one forward pass and return the Gram matrices of the recorded layers.
@@ -103,8 +127,11 @@ class KernelRecorder:
             raise RuntimeError("KernelRecorder.grams() must be called inside a 'with' block")
         self._calls = {}
         self._grams = [None] * len(self.layers)
-        with torch.inference_mode():
-            self.model(inputs)
+        try:
+            with torch.inference_mode():
+                self.model(inputs)
+        finally:
+            self._channels = None
 
         missing = [layer.name for layer, gram in zip(self.layers, self._grams) if gram is None]
         if missing:
@@ -116,3 +143,52 @@ class KernelRecorder:
         grams = torch.stack(self._grams) if self._grams else inputs.new_zeros((0, len(inputs), len(inputs)))
         self._grams = []
         return grams
+
+
+def _splits_into_channels(features: torch.Tensor) -> bool:
+    """Tell whether ``channel_grams`` is about as fast as one product for these features."""
+    if features.dim() < 3 or features.shape[1] < 8:
+        return False
+    return features[0, 0].numel() >= max(features.shape[0], 16)
+
+
+def _batchnorm_scales(module: nn.Module) -> torch.Tensor | None:
+    """Return the per-channel factors of a BatchNorm in eval mode, in float64.
+
+    Such a BatchNorm maps channel ``c`` to ``scale_c * x + shift_c``. Only the plain
+    torch classes qualify: a subclass may change the forward pass. None for anything
+    else, including a BatchNorm without running statistics, which normalises by the
+    batch's own.
+    """
+    if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return None
+    if module.training or module.running_var is None:
+        return None
+    scales = torch.rsqrt(module.running_var.double() + module.eps)
+    return scales if module.weight is None else scales * module.weight.double()
+
+
+class _ChannelGrams:
+    """The per-channel Gram matrices of one layer output, and a way to recognise it.
+
+    The output is referenced weakly, so holding this does not keep it alive. Inference
+    tensors have no version counter, so an in-place change is detected by comparing the
+    per-example, per-channel sums with those taken when the matrices were computed.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.grams = channel_grams(features)
+        self._features = weakref.ref(features)
+        self._sums = _channel_sums(features)
+
+    def came_from(self, tensor: object) -> bool:
+        """Tell whether ``tensor`` is the output these matrices came from, still unchanged."""
+        if not isinstance(tensor, torch.Tensor) or self._features() is not tensor:
+            return False
+        return torch.equal(_channel_sums(tensor), self._sums)
+
+
+def _channel_sums(features: torch.Tensor) -> torch.Tensor:
+    # Half-precision sums could overflow to equal infinities.
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return features.reshape(features.shape[0], features.shape[1], -1).sum(dim=-1, dtype=dtype)

@@ -8,6 +8,8 @@ import torch
 
 from cka import (
     MinibatchCKA,
+    accurate_gram,
+    channel_grams,
     shift_features,
     hsic,
     hsic_vectors,
@@ -233,3 +235,35 @@ def test_rbf_accurate_for_clustered_examples_with_outlier():
         value = minibatch_cka([base.float()], [related.float()], kernel="rbf")
 
         assert value == pytest.approx(expected, abs=1e-4), outlier
+
+
+def test_channel_grams_sum_to_the_shifted_gram():
+    features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(7)) + 3.0
+    scales = torch.rand(5, generator=torch.Generator().manual_seed(8)) + 0.5
+    shifted = shift_features(features).double()
+    scaled = shift_features(features * scales[:, None, None]).double()
+
+    grams = channel_grams(features).double()
+
+    assert grams.shape == (5, 6, 6)
+    assert torch.allclose(grams.sum(dim=0), shifted @ shifted.T, atol=1e-4)
+    weighted = torch.tensordot(scales.double().square(), grams, dims=1)
+    assert torch.allclose(weighted, scaled @ scaled.T, atol=1e-4)
+
+
+def test_accurate_gram_recomputes_only_after_a_far_out_first_example():
+    generator = torch.Generator().manual_seed(9)
+    center = torch.eye(32, dtype=torch.float64) - 1.0 / 32
+    for outlier, recomputed in ((0.0, False), (200.0, True)):
+        features = 1000.0 + torch.randn(32, 256, generator=generator)
+        features[0] += outlier
+        shifted = shift_features(features)
+        gram = shifted @ shifted.T
+        centered = features.double() - features.double().mean(dim=0)
+        exact = centered @ centered.T
+
+        result = accurate_gram(gram, features)
+
+        assert (result is not gram) == recomputed
+        error = (center @ result.double() @ center - exact).abs().max()
+        assert error <= 1e-5 * exact.abs().max()

@@ -274,6 +274,86 @@ def test_inplace_relu_does_not_change_recorded_batchnorm():
     assert not torch.allclose(grams[1], linear_gram(torch.relu(batchnorm_output)), atol=1e-2)
 
 
+class ConvolutionThenNorm(nn.Module):
+    def __init__(self, norm: nn.Module, between: nn.Module | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.between = between
+        self.norm = norm
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.between is not None:
+            x = self.between(x)
+        return self.norm(x)
+
+
+class CustomNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def _trained_statistics(norm: nn.Module) -> nn.Module:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if norm.running_var is not None:
+            norm.running_mean.copy_(torch.randn(8, generator=generator))
+            norm.running_var.copy_(torch.rand(8, generator=generator) * 3 + 0.1)
+        if norm.weight is not None:
+            norm.weight.copy_(torch.randn(8, generator=generator))
+            norm.bias.copy_(torch.randn(8, generator=generator))
+    return norm
+
+
+@pytest.mark.parametrize(
+    "norm, between",
+    [
+        (nn.BatchNorm2d(8), None),
+        (nn.BatchNorm2d(8, affine=False), None),
+        (nn.BatchNorm2d(8), nn.ReLU(inplace=True)),
+        (nn.BatchNorm2d(8, track_running_stats=False), None),
+        (CustomNorm(8), None),
+    ],
+    ids=["plain", "no-affine", "inplace-relu-between", "batch-statistics", "subclass"],
+)
+def test_batchnorm_after_convolution_records_its_output(norm, between):
+    # A BatchNorm that takes a recorded convolution's output unchanged gets its Gram
+    # matrix from the convolution's per-channel products; any other must not.
+    model = ConvolutionThenNorm(_trained_statistics(norm), between)
+    inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    calls = trace_calls(model, inputs[:2])
+    selection = select_layers(model, calls, 2, include_parameter_free=True, remove_output_layer=False)
+    layers = [layer for layer in selection.layers if layer.name in ("conv", "norm")]
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    with torch.no_grad():
+        model.eval()
+        convolution = model.conv(inputs)
+        norm_output = model.norm(convolution if between is None else between(convolution.clone()))
+    assert [layer.name for layer in layers] == ["conv", "norm"]
+    for gram, output in zip(grams, (convolution, norm_output)):
+        expected = linear_gram(output.double())
+        assert torch.allclose(gram.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
+def test_batchnorm_gram_skips_its_own_product(monkeypatch):
+    import models.hooks
+
+    products = []
+    monkeypatch.setattr(models.hooks, "linear_gram", lambda *args, **kwargs: products.append(args))
+    model = ConvolutionThenNorm(_trained_statistics(nn.BatchNorm2d(8)))
+    inputs = torch.randn(6, 3, 8, 8)
+    layers = select_layers(model, trace_calls(model, inputs[:2]), 2, remove_output_layer=False).layers
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    assert grams.shape == (2, 6, 6)
+    assert products == []
+
+
 class Failing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -79,15 +79,21 @@ class KernelCache:
     """A folder of per-batch Gram matrices and model traces.
 
     Use it as a context manager. With ``folder=None`` it lives in a temporary folder
-    that leaving deletes, so a run without a cache still keeps memory bounded.
+    that leaving deletes, and it keeps entries in memory until they reach
+    ``memory_bytes``, so a run without a cache writes nothing for small runs and still
+    keeps memory bounded for large ones.
 
     Args:
         folder: the cache folder, created if missing; None for a temporary one.
+        memory_bytes: with ``folder=None``, how many bytes of Gram matrices to keep in
+            memory before writing entries to the temporary folder.
     """
 
-    def __init__(self, folder: str | None = None) -> None:
+    def __init__(self, folder: str | None = None, memory_bytes: int = 32 << 20) -> None:
         self.requested = folder
         self.folder: str | None = None
+        self._memory: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        self._memory_left = memory_bytes if folder is None else 0
 
     def __enter__(self) -> "KernelCache":
         if self.requested is None:
@@ -101,16 +107,32 @@ class KernelCache:
         if self.requested is None and self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
+        self._memory.clear()
 
     def _grams_path(self, model_key: str, batch: int) -> str:
         return os.path.join(self.folder, model_key, f"batch{batch}.npz")
 
     def _read(self, model_key: str, batch: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
         path = self._grams_path(model_key, batch)
+        if path in self._memory:
+            return self._memory[path]
         if not os.path.exists(path):
             return None
         with np.load(path) as archive:
             return archive["layers"].tolist(), archive["grams"], archive["for_distances"]
+
+    def _write(self, model_key: str, batch: int, entry: tuple[list[str], np.ndarray, np.ndarray]) -> None:
+        path = self._grams_path(model_key, batch)
+        names, grams, checked = entry
+        if path in self._memory:
+            self._memory_left += self._memory.pop(path)[1].nbytes
+        if grams.nbytes <= self._memory_left and not os.path.exists(path):
+            self._memory[path] = entry
+            self._memory_left -= grams.nbytes
+            return
+        with atomic_path(path) as partial:
+            with open(partial, "wb") as handle:
+                np.savez(handle, layers=np.array(names), grams=grams, for_distances=checked)
 
     def put_grams(
         self, model_key: str, batch: int, layers: list[str], grams: torch.Tensor, for_distances: bool
@@ -133,9 +155,7 @@ class KernelCache:
                 names += [old_names[index] for index in extra]
                 array = np.concatenate([array, old_grams[extra].astype(array.dtype)])
                 checked = np.concatenate([checked, old_checked[extra]])
-        with atomic_path(self._grams_path(model_key, batch)) as partial:
-            with open(partial, "wb") as handle:
-                np.savez(handle, layers=np.array(names), grams=array, for_distances=checked)
+        self._write(model_key, batch, (names, array, checked))
 
     def stored_layers(self, model_key: str, batch: int, for_distances: bool = False) -> set[str]:
         """Return the layer names an entry covers; empty when there is no entry.
@@ -143,12 +163,15 @@ class KernelCache:
         With ``for_distances``, only layers whose matrices were checked for distances.
         """
         path = self._grams_path(model_key, batch)
-        if not os.path.exists(path):
+        if path in self._memory:
+            names, _, checked = self._memory[path]
+        elif os.path.exists(path):
+            with np.load(path) as archive:
+                names = archive["layers"].tolist()
+                checked = archive["for_distances"]
+        else:
             return set()
-        with np.load(path) as archive:
-            names = archive["layers"].tolist()
-            checked = archive["for_distances"].tolist()
-        return {name for name, ok in zip(names, checked) if ok or not for_distances}
+        return {name for name, ok in zip(names, checked.tolist()) if ok or not for_distances}
 
     def get_grams(self, model_key: str, batch: int, layers: list[str]) -> torch.Tensor:
         """Load the Gram matrices of ``layers``, in that order, from an entry that covers them."""

@@ -238,3 +238,40 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert len(expected) == 3
     for name, matrix in _matrices(tmp_path / "ranks").items():
         assert np.allclose(matrix, expected[name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("memory_bytes", [0, 400, 1 << 20], ids=["disk", "spill", "memory"])
+def test_temporary_cache_keeps_entries_within_its_memory(memory_bytes):
+    from engine.cache import KernelCache
+
+    grams = [torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(batch)) for batch in range(3)]
+    with KernelCache(memory_bytes=memory_bytes) as cache:
+        for batch, matrices in enumerate(grams):
+            cache.put_grams("model", batch, ["a", "b", "c"], matrices, for_distances=False)
+        cache.put_grams("model", 0, ["d"], grams[0][:1] * 2, for_distances=True)
+        files = sorted(path.name for path in pathlib.Path(cache.folder).rglob("*.npz"))
+
+        assert cache.stored_layers("model", 0) == {"a", "b", "c", "d"}
+        assert cache.stored_layers("model", 0, for_distances=True) == {"d"}
+        assert cache.stored_layers("model", 3) == set()
+        assert torch.equal(cache.get_grams("model", 0, ["d", "a"]), torch.stack([grams[0][0] * 2, grams[0][0]]))
+        for batch, matrices in enumerate(grams[1:], start=1):
+            assert torch.equal(cache.get_grams("model", batch, ["a", "b", "c"]), matrices)
+    expected_files = {0: 3, 400: 2, 1 << 20: 0}[memory_bytes]
+    assert len(files) == expected_files
+
+
+def test_scratch_store_spills_to_disk_beyond_its_memory():
+    from engine.store import ScratchStore
+
+    arrays = {f"batch{index}": torch.full((10,), index, dtype=torch.uint8) for index in range(4)}
+    with ScratchStore(memory_bytes=25) as scratch:
+        for key, array in arrays.items():
+            scratch.put(key, array)
+        files = sorted(path.name for path in pathlib.Path(scratch.folder).iterdir())
+
+        for key, array in arrays.items():
+            assert key in scratch
+            assert torch.equal(scratch.get(key), array)
+        assert "batch9" not in scratch
+    assert files == ["batch2.npy", "batch3.npy"]

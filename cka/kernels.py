@@ -107,8 +107,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
     Returns:
         ``(n, n)`` Gram matrix, float32 for float32 and half-precision input.
     """
-    shifted = shift_features(features)
-    return accurate_gram(shifted @ shifted.T, features, for_distances)
+    return accurate_gram(_shifted_product(features, 0), features, for_distances)
 
 
 def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
@@ -131,8 +130,36 @@ def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: boo
     """
     if gram.device.type == "cpu" and not _imprecise(gram, for_distances):
         return gram
-    recentered = shift_features(features, _central_example(gram))
-    return recentered @ recentered.T
+    return _shifted_product(features, _central_example(gram))
+
+
+# Bytes of shifted features that one step of a product copies on the CPU. Shifting a
+# large layer's output all at once costs a copy of it, which takes longer than the
+# product when the allocation is new memory; this much stays in the processor's cache.
+_CHUNK_BYTES = 4 << 20
+
+
+def _shifted_product(features: torch.Tensor, reference: int | torch.Tensor) -> torch.Tensor:
+    """Compute the Gram matrix of ``shift_features(features, reference)``.
+
+    On the CPU, the columns are shifted and multiplied a few at a time, so the shifted
+    copy is never made whole.
+    """
+    flat = _flatten(features)
+    n, size = flat.shape
+    columns = max(1, _CHUNK_BYTES // (n * flat.element_size()))
+    if flat.device.type != "cpu" or size <= columns:
+        shifted = shift_features(flat, reference)
+        return shifted @ shifted.T
+
+    origin = flat[int(reference)]
+    gram = flat.new_zeros((n, n))
+    buffer = flat.new_empty((n, columns))
+    for start in range(0, size, columns):
+        stop = min(size, start + columns)
+        chunk = torch.sub(flat[:, start:stop], origin[start:stop], out=buffer[:, : stop - start])
+        gram.addmm_(chunk, chunk.T)
+    return gram
 
 
 def channel_grams(features: torch.Tensor) -> torch.Tensor:
@@ -152,8 +179,16 @@ def channel_grams(features: torch.Tensor) -> torch.Tensor:
         ``(channels, n, n)`` Gram matrices, float32 for float32 and half-precision input.
     """
     n, channels = features.shape[:2]
-    shifted = shift_features(features).reshape(n, channels, -1)
-    return torch.bmm(shifted.transpose(0, 1), shifted.permute(1, 2, 0))
+    flat = _flatten(features).reshape(n, channels, -1)
+    # As in _shifted_product, a few channels at a time are shifted and multiplied.
+    step = max(1, _CHUNK_BYTES // (n * flat.shape[2] * flat.element_size()))
+    grams = flat.new_empty((channels, n, n))
+    buffer = flat.new_empty((n, min(step, channels), flat.shape[2]))
+    for start in range(0, channels, step):
+        stop = min(channels, start + step)
+        shifted = torch.sub(flat[:, start:stop], flat[0, start:stop], out=buffer[:, : stop - start])
+        torch.bmm(shifted.transpose(0, 1), shifted.permute(1, 2, 0), out=grams[start:stop])
+    return grams
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

@@ -267,3 +267,19 @@ def test_accurate_gram_recomputes_only_after_a_far_out_first_example():
         assert (result is not gram) == recomputed
         error = (center @ result.double() @ center - exact).abs().max()
         assert error <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("chunk_bytes", [256, 600, 1 << 20], ids=["small-steps", "partial-last-step", "one-step"])
+def test_products_in_steps_match_one_product(monkeypatch, chunk_bytes):
+    import cka.kernels
+
+    monkeypatch.setattr(cka.kernels, "_CHUNK_BYTES", chunk_bytes)
+    features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(11)) + 2.0
+    shifted = shift_features(features).double()
+    channels = shifted.reshape(6, 5, 12).transpose(0, 1)
+
+    gram = linear_gram(features)
+    per_channel = channel_grams(features)
+
+    assert torch.allclose(gram.double(), shifted @ shifted.T, atol=1e-4)
+    assert torch.allclose(per_channel.double(), channels @ channels.transpose(1, 2), atol=1e-4)

@@ -58,6 +58,7 @@ class KernelRecorder:
         self._calls: dict[str, int] = {}
         self._grams: list[torch.Tensor | None] = []
         self._channels: _ChannelGrams | None = None
+        self._before_norm: set[int] = set()
         self._training_state = training_state(model)
         self._active = False
 
@@ -70,6 +71,11 @@ class KernelRecorder:
         except BaseException:
             self._remove_hooks()
             raise
+        self._before_norm = {
+            index
+            for index, layer in enumerate(self.layers[1:])
+            if type(modules[layer.module_name]) in _BATCHNORMS
+        }
         self._training_state = training_state(self.model)
         self.model.eval()
         self._active = True
@@ -91,11 +97,11 @@ class KernelRecorder:
             self._calls[module_name] = call
             index = self._index.get((module_name, call))
             if index is not None:
-                self._grams[index] = self._gram(module, args, first_float_tensor(output))
+                self._grams[index] = self._gram(index, module, args, first_float_tensor(output))
 
         return hook
 
-    def _gram(self, module: nn.Module, args: tuple, features: torch.Tensor) -> torch.Tensor:
+    def _gram(self, index: int, module: nn.Module, args: tuple, features: torch.Tensor) -> torch.Tensor:
         if features.device.type != "cpu":
             return linear_gram(features, self.for_distances)
         channels, self._channels = self._channels, None
@@ -103,8 +109,11 @@ class KernelRecorder:
         if channels is not None and scales is not None and args and channels.came_from(args[0]):
             gram = torch.tensordot(scales.square(), channels.grams.double(), dims=1).to(channels.grams.dtype)
         elif _splits_into_channels(features):
-            self._channels = _ChannelGrams(features)
-            gram = self._channels.grams.sum(dim=0, dtype=torch.float64).to(self._channels.grams.dtype)
+            grams = channel_grams(features)
+            if index in self._before_norm:
+                # The next recorded layer is a BatchNorm, which may take this output.
+                self._channels = _ChannelGrams(features, grams)
+            gram = grams.sum(dim=0, dtype=torch.float64).to(grams.dtype)
         else:
             return linear_gram(features, self.for_distances)
         return accurate_gram(gram, features, self.for_distances)
@@ -145,6 +154,9 @@ class KernelRecorder:
         return grams
 
 
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _splits_into_channels(features: torch.Tensor) -> bool:
     """Tell whether ``channel_grams`` is about as fast as one product for these features."""
     if features.dim() < 3 or features.shape[1] < 8:
@@ -160,7 +172,7 @@ def _batchnorm_scales(module: nn.Module) -> torch.Tensor | None:
     else, including a BatchNorm without running statistics, which normalises by the
     batch's own.
     """
-    if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    if type(module) not in _BATCHNORMS:
         return None
     if module.training or module.running_var is None:
         return None
@@ -176,8 +188,8 @@ class _ChannelGrams:
     per-example, per-channel sums with those taken when the matrices were computed.
     """
 
-    def __init__(self, features: torch.Tensor) -> None:
-        self.grams = channel_grams(features)
+    def __init__(self, features: torch.Tensor, grams: torch.Tensor) -> None:
+        self.grams = grams
         self._features = weakref.ref(features)
         self._sums = _channel_sums(features)
 

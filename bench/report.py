@@ -100,6 +100,7 @@ class Agreement:
     clean_cells: int = 0
     clean_max: float = math.nan
     clean_worst: str = ""
+    clean_above: int = 0
     overwritten_cells: int = 0
     overwritten_max: float = math.nan
     nan_mismatches: int = 0
@@ -116,6 +117,7 @@ class Agreement:
             clean_cells=self.clean_cells + other.clean_cells,
             clean_max=_nan_max(self.clean_max, other.clean_max),
             clean_worst=worse.clean_worst,
+            clean_above=self.clean_above + other.clean_above,
             overwritten_cells=self.overwritten_cells + other.overwritten_cells,
             overwritten_max=_nan_max(self.overwritten_max, other.overwritten_max),
             nan_mismatches=self.nan_mismatches + other.nan_mismatches,
@@ -169,6 +171,7 @@ def compare_matrices(
         clean_cells=int(clean.sum()),
         clean_max=largest(clean),
         clean_worst=clean_worst,
+        clean_above=int((clean & (difference > AGREEMENT_THRESHOLD)).sum()),
         overwritten_cells=int(dirty.sum()),
         overwritten_max=largest(dirty),
         nan_mismatches=int((np.isfinite(ours) != np.isfinite(other)).sum()),
@@ -454,11 +457,26 @@ def _agreement_summary(agreements: dict[str, Agreement]) -> list[str]:
     paragraphs = []
     above = {name: agreement for name, agreement in agreements.items() if agreement.clean_max > AGREEMENT_THRESHOLD}
     if above:
-        cells = [f"{name}: {_difference(agreement.clean_max)}, {agreement.clean_worst}" for name, agreement in above.items()]
+        cells = [
+            f"{name}: {agreement.clean_above} of {agreement.clean_cells} clean cells, the largest "
+            f"difference {_difference(agreement.clean_max)} at {agreement.clean_worst}"
+            for name, agreement in above.items()
+        ]
         paragraphs.append(
-            f"Clean cells differ from ours by more than {AGREEMENT_THRESHOLD:g} for these tools. "
-            "The largest difference of each is at: " + "; ".join(cells) + "."
+            f"Clean cells differ from ours by more than {AGREEMENT_THRESHOLD:g} for these tools: "
+            + "; ".join(cells) + "."
         )
+        agreeing = [
+            name for name in ("ckatorch", REFERENCE)
+            if name in agreements and name not in above and agreements[name].clean_cells
+        ]
+        if agreeing:
+            verbs = ("reads", "agrees") if len(agreeing) == 1 else ("read", "agree")
+            paragraphs.append(
+                f"On the same cells, {' and '.join(agreeing)}, which {verbs[0]} each output inside its hook, "
+                f"{verbs[1]} with ours within {AGREEMENT_THRESHOLD:g}, so these differences are errors of "
+                "the tools listed above."
+            )
     else:
         paragraphs.append(f"On clean cells, every tool listed is within {AGREEMENT_THRESHOLD:g} of ours.")
 

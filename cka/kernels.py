@@ -134,8 +134,8 @@ def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: boo
 
 
 # Bytes of shifted features that one step of a product copies on the CPU. Shifting a
-# large layer's output all at once costs a copy of it, which takes longer than the
-# product when the allocation is new memory; this much stays in the processor's cache.
+# large output at once allocates a whole copy, and when that is fresh memory the copy
+# takes longer than the product. Steps this small stay in the processor's cache.
 _CHUNK_BYTES = 4 << 20
 
 

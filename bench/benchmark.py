@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import report
-from report import FLOOR, OURS, Comparison, Measurement, ToolRuns, WorkloadResult
+from report import FLOOR, OURS, OURS_API, Comparison, Measurement, ToolRuns, WorkloadResult
 from workloads import DATASET, MEMORY_CHECK_KEY, SEED, Workload, memory_check_workloads, workloads
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -179,6 +179,31 @@ def run_floor(workload: Workload, images: Path, out: Path, settings: Settings) -
         torch_threads=int(data["torch_num_threads"]),
         model_bytes=int(data["model_bytes"]),
     )
+
+
+def run_api(workload: Workload, images: Path, out: Path, settings: Settings) -> tuple[Measurement, dict]:
+    """Run ``run_api.py`` once on the workload's single pair and return the measurement and matrix."""
+    (model_x, model_y, depth), = workload.comparisons()
+    command = [
+        sys.executable, str(BENCH_DIR / "run_api.py"),
+        "--models", model_x, model_y,
+        "--depth", str(depth),
+        "--kernel", workload.kernel,
+        "--images", str(images),
+        "--batch_size", str(workload.batch_size),
+        "--out", str(out),
+    ]
+    log_path = out.with_suffix(".log")
+    check_exit(run_helper(command, log_path, settings.timeout_s, settings.work_dir), log_path)
+    data = load_npz(out)
+    measurement = Measurement(
+        seconds=float(data["seconds"]),
+        peak_rss_kib=int(data["peak_rss_kib"]),
+        rss_increase_kib=int(data["peak_rss_kib"]) - int(data["rss_kib_before"]),
+        torch_threads=int(data["torch_num_threads"]),
+        model_bytes=int(data["model_bytes"]),
+    )
+    return measurement, {(model_x, model_y, depth): data["matrix_0"]}
 
 
 class UnsupportedKernel(Exception):
@@ -353,6 +378,8 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
     images = prepare_images(workload, settings)
 
     tools = {OURS: ToolRuns(OURS), FLOOR: ToolRuns(FLOOR)}
+    if len(workload.comparisons()) == 1:
+        tools[OURS_API] = ToolRuns(OURS_API)
     for peer, version in settings.peers.items():
         tools[peer] = ToolRuns(peer, status=None if version else "not installed")
     result = WorkloadResult(workload, tools)
@@ -377,6 +404,8 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
                 elif tool.tool == FLOOR:
                     measurement = run_floor(workload, images, round_dir / "floor.npz", settings)
                     matrices = {}
+                elif tool.tool == OURS_API:
+                    measurement, matrices = run_api(workload, images, round_dir / "api.npz", settings)
                 else:
                     measurement, matrices, tool.estimator = run_peer(
                         tool.tool, workload, layer_files, images, round_dir, settings

@@ -11,6 +11,7 @@ import numpy as np
 from workloads import MEMORY_CHECK_BASE, Workload
 
 OURS = "ours"
+OURS_API = "ours, Python API"
 FLOOR = "floor"
 REFERENCE = "numpy float64 reference"
 # Differences above this are called out under each agreement table.
@@ -50,7 +51,7 @@ class ToolRuns:
     """Everything one tool produced on one workload.
 
     Attributes:
-        tool: ``"ours"``, ``"floor"`` or a peer name.
+        tool: ``"ours"``, ``"floor"``, ``"ours, Python API"`` or a peer name.
         measurements: the counted runs.
         matrices: CKA matrix of each comparison, from the last counted run.
         estimator: what a peer computes, as ``bench/peers.py`` describes it.
@@ -255,7 +256,7 @@ class Page:
             f"{peer} {self.peer_versions.get(peer) or '(not installed)'}" for peer in self.peers
         )
         load_after = "n/a" if self.load_after is None else ", ".join(f"{value:.2f}" for value in self.load_after)
-        order = ", ".join([OURS, FLOOR, *self.peers])
+        order = "; ".join([OURS, FLOOR, f"{OURS_API} (workloads of one pair)", *self.peers])
         lines = [
             "# Benchmark: our CKA engine and three public CKA packages",
             "",
@@ -300,6 +301,10 @@ class Page:
             "array, made by the engine's own `data` functions, so every tool sees the same tensors.",
             "- **floor**: each model's forward pass over every batch under `torch.inference_mode()`, "
             "nothing else. No CKA tool can be faster.",
+            f"- **{OURS_API}**: `engine.compare_models` on the preprocessed float32 array and on models "
+            "built before the timed part, as the peers get them (`bench/run_api.py`). It runs on "
+            "workloads of one pair, and its time leaves out what ours spends on reading and "
+            "resizing the images.",
             "- **peers**: `bench/peers.py`, the CKA call of each package on already built models. "
             "The peers compare one pair at a time, so on a workload with several pairs or depths "
             "they run once per pair and depth. Their time is then the sum of those runs, and their "
@@ -404,7 +409,7 @@ def _agreement_section(result: WorkloadResult) -> list[str]:
     others = {
         tool.tool: (tool.estimator or "", tool.matrices)
         for tool in result.tools.values()
-        if tool.tool not in (OURS, FLOOR) and tool.status is None and tool.matrices
+        if tool.tool not in (OURS, OURS_API, FLOOR) and tool.status is None and tool.matrices
     }
     if result.references:
         others[REFERENCE] = ("minibatch CKA, unbiased HSIC, float64, kernels computed in hook", result.references)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Time the engine's Python API on one pair of torchvision models over an image array.
+
+``bench/benchmark.py`` runs this script in a fresh process for every measurement. Unlike
+``run_ours.py``, which times the command-line engine from image files to matrices, this
+script starts where the peers start: models built before the timed part and the
+preprocessed float32 images of ``bench/prepare_images.py``. The timed part is one call
+of ``engine.compare_models``, so the difference from the peers is the CKA alone.
+
+Example, from anywhere:
+
+    python bench/run_api.py --models resnet18 resnet34 --depth -1 --kernel linear \\
+        --images images.npy --batch_size 64 --out api.npz
+
+The output .npz contains ``seconds``, ``peak_rss_kib``, ``rss_kib_before`` (the RSS
+right before the timed part), ``model_bytes``, ``comparisons`` (JSON list with one
+``[rows model, columns model, depth]``), ``matrix_0``, ``rows_0`` and ``columns_0``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from process_memory import current_rss_kib, peak_rss_kib
+from workloads import RBF_SIGMA, SEED
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs=2, required=True, help="torchvision names of the rows and columns model")
+    parser.add_argument("--depth", type=int, required=True, help="layer depth, -1 for leaves")
+    parser.add_argument("--kernel", required=True, choices=("linear", "rbf"), help="CKA kernel")
+    parser.add_argument(
+        "--images", type=Path, required=True, help=".npy file of preprocessed float32 images, shape (N, 3, S, S)"
+    )
+    parser.add_argument("--batch_size", type=int, required=True, help="images per batch")
+    parser.add_argument("--out", type=Path, required=True, help="output .npz file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be positive, got {args.batch_size}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPOSITORY_ROOT))
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    import engine
+
+    images = torch.from_numpy(np.load(args.images))
+    batches = list(torch.split(images, args.batch_size))
+    models = []
+    for name in args.models:
+        torch.manual_seed(SEED)
+        models.append(torchvision.models.get_model(name, weights=None).eval())
+    model_bytes = sum(
+        tensor.numel() * tensor.element_size()
+        for model in models
+        for tensor in [*model.parameters(), *model.buffers()]
+    )
+
+    peak_before = peak_rss_kib()
+    rss_before = current_rss_kib()
+    start = time.perf_counter()
+    comparison = engine.compare_models(
+        models[0], models[1], batches, depth=args.depth, kernel=args.kernel, sigma=RBF_SIGMA
+    )
+    seconds = time.perf_counter() - start
+    peak_after = peak_rss_kib()
+
+    np.savez(
+        args.out,
+        seconds=seconds,
+        peak_rss_kib=peak_after,
+        peak_rss_kib_before=peak_before,
+        rss_kib_before=rss_before,
+        model_bytes=model_bytes,
+        comparisons=json.dumps([[args.models[0], args.models[1], args.depth]]),
+        matrix_0=comparison.matrix.numpy(),
+        rows_0=np.array(comparison.rows),
+        columns_0=np.array(comparison.columns),
+        torch_version=torch.__version__,
+        torch_num_threads=torch.get_num_threads(),
+    )
+    print(f"api: one matrix in {seconds:.3f} s, peak RSS {peak_after / 1024:.0f} MiB, saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

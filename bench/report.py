@@ -512,7 +512,8 @@ def _memory_section(runs: list[tuple[Workload, ToolRuns]]) -> list[str]:
         "",
         f"Our engine alone, on {MEMORY_CHECK_BASE}'s settings ({small.batch_size} images per batch) with "
         f"{small.image_count} and {large.image_count} images, the two runs alternating. The engine "
-        "keeps each batch's kernels on disk, so its memory should not grow with the number of batches.",
+        "keeps at most 32 MiB of kernels and resized images in memory and the rest on disk, so its "
+        "memory should not grow with the number of batches.",
         "",
         "| images | batches | median s | peak RSS MiB | RSS increase MiB |",
         "| ---: | ---: | ---: | ---: | ---: |",

@@ -126,8 +126,9 @@ class KernelCache:
         names, grams, checked = entry
         if path in self._memory:
             self._memory_left += self._memory.pop(path)[1].nbytes
-        if grams.nbytes <= self._memory_left and not os.path.exists(path):
-            self._memory[path] = entry
+        if 0 < grams.nbytes <= self._memory_left and not os.path.exists(path):
+            # A copy, so the caller's tensor can change without changing the entry.
+            self._memory[path] = (names, grams.copy(), checked)
             self._memory_left -= grams.nbytes
             return
         with atomic_path(path) as partial:

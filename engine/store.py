@@ -51,7 +51,9 @@ class ScratchStore:
     def put(self, key: str, array: torch.Tensor) -> None:
         """Store a CPU copy of ``array`` under ``key``, a valid file name."""
         copy = array.detach().cpu().clone()
-        if key not in self and copy.nbytes <= self._memory_left:
+        if key in self._memory:
+            self._memory_left += self._memory.pop(key).nbytes
+        if copy.nbytes <= self._memory_left and not os.path.exists(self._path(key)):
             self._memory[key] = copy
             self._memory_left -= copy.nbytes
             return
@@ -59,7 +61,7 @@ class ScratchStore:
             np.save(handle, copy.numpy())
 
     def get(self, key: str) -> torch.Tensor:
-        """Load what ``put`` stored under ``key``."""
+        """Load a copy of what ``put`` stored under ``key``."""
         if key in self._memory:
-            return self._memory[key]
+            return self._memory[key].clone()
         return torch.from_numpy(np.load(self._path(key)))

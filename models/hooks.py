@@ -27,7 +27,9 @@ class KernelRecorder:
     (``channel_grams``). When a BatchNorm in eval mode takes that very output next,
     unchanged, its Gram matrix is the per-channel matrices weighted by its squared
     scales, and its own product is skipped: a convolution and its BatchNorm cost one
-    product instead of two.
+    product instead of two. This needs a plain BatchNorm with no other forward hook, and
+    an output whose mean is small enough next to its spread that float32 rounding of
+    the real output does not matter.
 
     Use it as a context manager. Entering registers one hook per distinct module and
     puts the model in eval mode. Leaving removes every hook and restores every module's
@@ -105,8 +107,9 @@ class KernelRecorder:
         if features.device.type != "cpu":
             return linear_gram(features, self.for_distances)
         channels, self._channels = self._channels, None
-        scales = _batchnorm_scales(module)
-        if channels is not None and scales is not None and args and channels.came_from(args[0]):
+        affine = _batchnorm_affine(module) if channels is not None else None
+        if affine is not None and args and channels.came_from(args[0]) and channels.resolves(*affine):
+            scales = affine[0]
             gram = torch.tensordot(scales.square(), channels.grams.double(), dims=1).to(channels.grams.dtype)
         elif _splits_into_channels(features):
             grams = channel_grams(features)
@@ -164,20 +167,37 @@ def _splits_into_channels(features: torch.Tensor) -> bool:
     return features[0, 0].numel() >= max(features.shape[0], 16)
 
 
-def _batchnorm_scales(module: nn.Module) -> torch.Tensor | None:
-    """Return the per-channel factors of a BatchNorm in eval mode, in float64.
+def _batchnorm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return the per-channel ``(scale, shift)`` of a BatchNorm in eval mode, in float64.
 
     Such a BatchNorm maps channel ``c`` to ``scale_c * x + shift_c``. Only the plain
-    torch classes qualify: a subclass may change the forward pass. None for anything
-    else, including a BatchNorm without running statistics, which normalises by the
-    batch's own.
+    torch classes qualify, with no forward method set on the instance and no forward
+    hook but the recorder's, because a subclass, a replaced ``forward`` or a hook may
+    change the output. None for anything else, including a BatchNorm without running
+    statistics, which normalises by the batch's own.
     """
-    if type(module) not in _BATCHNORMS:
+    if type(module) not in _BATCHNORMS or module.training or module.running_var is None:
         return None
-    if module.training or module.running_var is None:
+    if "forward" in vars(module) or len(module._forward_hooks) != 1 or _global_forward_hooks():
         return None
-    scales = torch.rsqrt(module.running_var.double() + module.eps)
-    return scales if module.weight is None else scales * module.weight.double()
+    scale = torch.rsqrt(module.running_var.double() + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight.double()
+    shift = -module.running_mean.double() * scale
+    if module.bias is not None:
+        shift = shift + module.bias.double()
+    return scale, shift
+
+
+def _global_forward_hooks() -> bool:
+    """Tell whether hooks registered with ``register_module_forward_hook`` exist."""
+    return bool(getattr(torch.nn.modules.module, "_global_forward_hooks", None))
+
+
+# Largest ratio of a BatchNorm output's mean to its spread over the batch for which its
+# Gram matrix is derived. The float32 output rounds each value to about 6e-8 of its
+# size, which the derived matrix does not see, so this keeps that gap near 1e-6.
+_MAX_MEAN_TO_SPREAD = 16.0
 
 
 class _ChannelGrams:
@@ -186,12 +206,31 @@ class _ChannelGrams:
     The output is referenced weakly, so holding this does not keep it alive. Inference
     tensors have no version counter, so an in-place change is detected by comparing the
     per-example, per-channel sums with those taken when the matrices were computed.
+
+    NOTE: an in-place change that keeps every such sum, such as swapping two values
+    within one example's channel, goes unnoticed. No in-place op of torch.nn does that.
     """
 
     def __init__(self, features: torch.Tensor, grams: torch.Tensor) -> None:
         self.grams = grams
         self._features = weakref.ref(features)
         self._sums = _channel_sums(features)
+        self._positions = features[0, 0].numel()
+
+    def resolves(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Tell whether float32 keeps the spread of ``scale * x + shift`` over the batch.
+
+        A large shift leaves the examples of the real output apart by few float32
+        steps, or by none, so that its Gram matrix differs from the derived one.
+        """
+        n = self.grams.shape[1]
+        values = self._sums.shape[0] * self._positions
+        means = scale * (self._sums.double().sum(dim=0) / values) + shift
+        grams = self.grams.double()
+        centered = torch.diagonal(grams, dim1=1, dim2=2).sum(dim=1) - grams.sum(dim=(1, 2)) / n
+        mean_energy = values * means.square().sum()
+        spread_energy = (scale.square() * centered).sum()
+        return bool(mean_energy <= _MAX_MEAN_TO_SPREAD**2 * spread_energy)
 
     def came_from(self, tensor: object) -> bool:
         """Tell whether ``tensor`` is the output these matrices came from, still unchanged."""

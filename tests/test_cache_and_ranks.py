@@ -274,4 +274,8 @@ def test_scratch_store_spills_to_disk_beyond_its_memory():
             assert key in scratch
             assert torch.equal(scratch.get(key), array)
         assert "batch9" not in scratch
+        scratch.get("batch0").fill_(9)
+        assert torch.equal(scratch.get("batch0"), arrays["batch0"])
+        scratch.put("batch0", arrays["batch1"])
+        assert torch.equal(scratch.get("batch0"), arrays["batch1"])
     assert files == ["batch2.npy", "batch3.npy"]

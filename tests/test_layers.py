@@ -354,6 +354,52 @@ def test_batchnorm_gram_skips_its_own_product(monkeypatch):
     assert products == []
 
 
+def _convolution_then_norm(inputs):
+    model = ConvolutionThenNorm(_trained_statistics(nn.BatchNorm2d(8)))
+    calls = trace_calls(model, inputs[:2])
+    return model, select_layers(model, calls, 2, remove_output_layer=False).layers
+
+
+def test_batchnorm_output_changed_by_hook_is_recorded():
+    inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    model, layers = _convolution_then_norm(inputs)
+    model.norm.register_forward_hook(lambda module, args, output: output.clamp(min=0.0))
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    with torch.no_grad():
+        model.eval()
+        clamped = model(inputs)
+        unclamped = model.norm.forward(model.conv(inputs))  # forward() skips the hooks
+    expected = linear_gram(clamped)
+    assert (unclamped < 0).any()
+    assert torch.allclose(grams[1], expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
+def test_batchnorm_with_large_shift_records_rounded_output():
+    # The shift is so large next to the spread that the float32 output is constant over
+    # the batch: its centered kernel is zero, so its CKA is NaN, not the exact value.
+    inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    model, layers = _convolution_then_norm(inputs)
+    with torch.no_grad():
+        model.conv.weight.mul_(1e-12)
+        model.conv.bias.zero_()
+        model.norm.running_mean.zero_()
+        model.norm.running_var.fill_(1.0)
+        model.norm.weight.fill_(1.0)
+        model.norm.bias.fill_(1.0)
+
+    with KernelRecorder(model, layers) as recorder:
+        grams = recorder.grams(inputs)
+
+    with torch.no_grad():
+        output = model.eval()(inputs)
+    assert torch.equal(output, output[:1].expand_as(output))
+    assert torch.count_nonzero(grams[1]) == 0
+    assert torch.count_nonzero(grams[0]) > 0
+
+
 class Failing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -80,7 +80,8 @@ def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
     centered = total - matrix.sum() / matrix.shape[0]
     if not centered >= _MIN_CENTERED_SHARE * total:
         return True
-    if not for_distances:
+    if not for_distances or matrix.shape[0] < 2:
+        # One example has no distances to keep accurate.
         return False
     distances = (norms[:, None] + norms[None, :] - 2.0 * matrix)[_upper_triangle(matrix.shape[0])]
     # The lower median is enough for a bound, and partition avoids a full sort.

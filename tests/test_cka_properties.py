@@ -283,3 +283,12 @@ def test_products_in_steps_match_one_product(monkeypatch, chunk_bytes):
 
     assert torch.allclose(gram.double(), shifted @ shifted.T, atol=1e-4)
     assert torch.allclose(per_channel.double(), channels @ channels.transpose(1, 2), atol=1e-4)
+
+
+def test_gram_of_one_example_for_distances():
+    features = torch.randn(1, 5, generator=torch.Generator().manual_seed(12))
+
+    gram = linear_gram(features, for_distances=True)
+
+    assert gram.shape == (1, 1)
+    assert gram.item() == 0.0

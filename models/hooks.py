@@ -108,9 +108,11 @@ class KernelRecorder:
             return linear_gram(features, self.for_distances)
         channels, self._channels = self._channels, None
         affine = _batchnorm_affine(module) if channels is not None else None
-        if affine is not None and args and channels.came_from(args[0]) and channels.resolves(*affine):
-            scales = affine[0]
-            gram = torch.tensordot(scales.square(), channels.grams.double(), dims=1).to(channels.grams.dtype)
+        derived = None
+        if affine is not None and args and channels.came_from(args[0]):
+            derived = channels.scaled_gram(*affine)
+        if derived is not None:
+            gram = derived
         elif _splits_into_channels(features):
             grams = channel_grams(features)
             if index in self._before_norm:
@@ -217,11 +219,12 @@ class _ChannelGrams:
         self._sums = _channel_sums(features)
         self._positions = features[0, 0].numel()
 
-    def resolves(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-        """Tell whether float32 keeps the spread of ``scale * x + shift`` over the batch.
+    def scaled_gram(self, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
+        """Return the Gram matrix of ``scale * x + shift`` per channel, if float32 keeps it.
 
         A large shift leaves the examples of the real output apart by few float32
-        steps, or by none, so that its Gram matrix differs from the derived one.
+        steps, or by none, so that its Gram matrix differs from the derived one. None
+        then, and the caller computes the real output's matrix.
         """
         n = self.grams.shape[1]
         values = self._sums.shape[0] * self._positions
@@ -230,7 +233,9 @@ class _ChannelGrams:
         centered = torch.diagonal(grams, dim1=1, dim2=2).sum(dim=1) - grams.sum(dim=(1, 2)) / n
         mean_energy = values * means.square().sum()
         spread_energy = (scale.square() * centered).sum()
-        return bool(mean_energy <= _MAX_MEAN_TO_SPREAD**2 * spread_energy)
+        if not mean_energy <= _MAX_MEAN_TO_SPREAD**2 * spread_energy:
+            return None
+        return torch.tensordot(scale.square(), grams, dims=1).to(self.grams.dtype)
 
     def came_from(self, tensor: object) -> bool:
         """Tell whether ``tensor`` is the output these matrices came from, still unchanged."""

@@ -52,21 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    import torchvision
 
     import engine
+    from seeded_models import build_models, state_bytes
 
     images = torch.from_numpy(np.load(args.images))
     batches = list(torch.split(images, args.batch_size))
-    models = []
-    for name in args.models:
-        torch.manual_seed(SEED)
-        models.append(torchvision.models.get_model(name, weights=None).eval())
-    model_bytes = sum(
-        tensor.numel() * tensor.element_size()
-        for model in models
-        for tensor in [*model.parameters(), *model.buffers()]
-    )
+    models = build_models(args.models, SEED)
+    model_bytes = state_bytes(models)
 
     peak_before = peak_rss_kib()
     rss_before = current_rss_kib()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from process_memory import current_rss_kib, peak_rss_kib
+from seeded_models import build_models, state_bytes
 from workloads import SEED
 
 
@@ -52,16 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     images = torch.from_numpy(np.load(args.images))
     batches = list(torch.split(images, args.batch_size))
-    models = []
-    for name in args.models:
-        torch.manual_seed(args.seed)
-        models.append(torchvision.models.get_model(name, weights=None).eval())
-
-    model_bytes = sum(
-        tensor.numel() * tensor.element_size()
-        for model in models
-        for tensor in [*model.parameters(), *model.buffers()]
-    )
+    models = build_models(args.models, args.seed)
+    model_bytes = state_bytes(models)
 
     peak_before = peak_rss_kib()
     rss_before = current_rss_kib()

@@ -89,7 +89,7 @@ class PreparedModel:
 
     @property
     def needs_distances(self) -> bool:
-        """Whether a pair needs RBF kernels, whose Gram matrices must give exact distances."""
+        """True when a pair uses RBF kernels, whose Gram matrices must give exact distances."""
         return any(settings.kernel == "rbf" for settings in self.settings)
 
     @property

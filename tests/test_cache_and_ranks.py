@@ -90,7 +90,7 @@ def test_kernel_settings_reuse_cached_grams(tmp_path, first, change):
         assert np.allclose(matrix, _matrices(tmp_path / "fresh")[name], atol=1e-12)
 
 
-def test_rbf_kernels_recompute_grams_not_checked_for_distances(tmp_path):
+def test_rbf_recomputes_unchecked_grams(tmp_path):
     # Linear CKA skips the distance check of linear_gram, so its cached matrices do
     # not serve RBF kernels; RBF runs check it, and their matrices serve linear CKA.
     _run(tmp_path, "first", *SMALL)
@@ -241,7 +241,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("memory_bytes", [0, 400, 1 << 20], ids=["disk", "spill", "memory"])
-def test_temporary_cache_keeps_entries_within_its_memory(memory_bytes):
+def test_temporary_cache_memory_budget(memory_bytes):
     from engine.cache import KernelCache
 
     grams = [torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(batch)) for batch in range(3)]
@@ -261,7 +261,7 @@ def test_temporary_cache_keeps_entries_within_its_memory(memory_bytes):
     assert len(files) == expected_files
 
 
-def test_scratch_store_spills_to_disk_beyond_its_memory():
+def test_scratch_store_spills_to_disk():
     from engine.store import ScratchStore
 
     arrays = {f"batch{index}": torch.full((10,), index, dtype=torch.uint8) for index in range(4)}

@@ -251,7 +251,7 @@ def test_channel_grams_sum_to_the_shifted_gram():
     assert torch.allclose(weighted, scaled @ scaled.T, atol=1e-4)
 
 
-def test_accurate_gram_recomputes_only_after_a_far_out_first_example():
+def test_accurate_gram_far_out_first_example():
     generator = torch.Generator().manual_seed(9)
     center = torch.eye(32, dtype=torch.float64) - 1.0 / 32
     for outlier, recomputed in ((0.0, False), (200.0, True)):

@@ -316,7 +316,7 @@ def _trained_statistics(norm: nn.Module) -> nn.Module:
     ],
     ids=["plain", "no-affine", "inplace-relu-between", "batch-statistics", "subclass"],
 )
-def test_batchnorm_after_convolution_records_its_output(norm, between):
+def test_batchnorm_after_convolution_matches_output(norm, between):
     # A BatchNorm that takes a recorded convolution's output unchanged gets its Gram
     # matrix from the convolution's per-channel products; any other must not.
     model = ConvolutionThenNorm(_trained_statistics(norm), between)
@@ -360,7 +360,7 @@ def _convolution_then_norm(inputs):
     return model, select_layers(model, calls, 2, remove_output_layer=False).layers
 
 
-def test_batchnorm_output_changed_by_hook_is_recorded():
+def test_batchnorm_hook_changed_output():
     inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     model, layers = _convolution_then_norm(inputs)
     model.norm.register_forward_hook(lambda module, args, output: output.clamp(min=0.0))
@@ -377,7 +377,7 @@ def test_batchnorm_output_changed_by_hook_is_recorded():
     assert torch.allclose(grams[1], expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
-def test_batchnorm_with_large_shift_records_rounded_output():
+def test_batchnorm_large_shift_rounded_output():
     # The shift is so large next to the spread that the float32 output is constant over
     # the batch: its centered kernel is zero, so its CKA is NaN, not the exact value.
     inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -1,4 +1,4 @@
-"""Randomly initialised torchvision models, built the same way by every timing script."""
+"""Randomly initialised torchvision models, built the same way for the floor and the API timings."""
 
 from collections.abc import Sequence
 

@@ -90,15 +90,28 @@ def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
     return not norms.max() <= _MAX_NORM_TO_MEDIAN_DISTANCE * median
 
 
+# Size of a batch's features from which a product runs on them as they are, without
+# subtracting an example first. The subtraction is a pass over memory that costs a third
+# of the product or more. It keeps the digits of a product with a large common offset,
+# which otherwise runs a second time, but below this size both cost little.
+_PLAIN_PRODUCT_BYTES = 4 << 20
+
+
+def _shifts_first(flat: torch.Tensor) -> bool:
+    return flat.numel() * flat.element_size() < _PLAIN_PRODUCT_BYTES
+
+
 def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
     """Compute the linear kernel ``K = X X^T`` of a batch, accurate after centering.
 
     CKA double-centers kernels, so any common shift of the examples leaves it
-    unchanged, but a large common offset costs a float32 product its digits. The
-    product therefore runs on ``shift_features``: the first example is subtracted,
-    which is exact for a constant layer and usually leaves an offset no larger than the
-    spread of the examples. ``accurate_gram`` then checks the product and computes it
-    again from a better reference example when needed.
+    unchanged, but a large common offset costs a float32 product its digits. Features
+    under 4 MiB are shifted by their first example before the product
+    (``shift_features``), which is exact for a constant layer and usually leaves an
+    offset no larger than the spread of the examples; larger ones are multiplied as they
+    are. ``accurate_gram`` then checks the product and computes it again from shifted
+    features when needed. On GPUs, where that check would wait for the device at every
+    layer, the product always runs after subtracting the example closest to the mean.
 
     Args:
         features: ``(n, ...)`` representations of ``n`` examples; half precision is
@@ -106,32 +119,46 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
         for_distances: the matrix will give distances between examples (RBF kernels).
 
     Returns:
-        ``(n, n)`` Gram matrix, float32 for float32 and half-precision input.
+        ``(n, n)`` Gram matrix of the features after a common shift, float32 for float32
+        and half-precision input.
     """
-    return accurate_gram(_shifted_product(features, 0), features, for_distances)
+    flat = _flatten(features)
+    if flat.device.type != "cpu":
+        return _shifted_product(flat, _central_example(_shifted_product(flat, 0)))
+    gram = _shifted_product(flat, 0) if _shifts_first(flat) else flat @ flat.T
+    return accurate_gram(gram, flat, for_distances)
 
 
 def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
-    """Return a Gram matrix of ``features`` shifted by their first example, or a better one.
+    """Return ``gram`` if float32 kept it accurate, or compute a better one.
 
-    The first example lies too far out when the centered part of ``gram`` is less than
-    a quarter of its trace or, with ``for_distances``, when an example's squared norm
-    exceeds 16 times the median squared distance. The product then runs again after
-    subtracting the example closest to the batch mean, which keeps at least half of the
-    trace centered. On GPUs that second product always runs, because the check would wait
-    for the device at every layer.
+    ``gram`` is too coarse when its centered part is less than a quarter of its trace
+    or, with ``for_distances``, when an example's squared norm exceeds 16 times the
+    median squared distance. A product of unshifted features then runs again on
+    ``shift_features``. If the features shifted by their first example are still too
+    coarse, the product runs after subtracting the example closest to the batch mean,
+    which keeps at least half of the trace centered.
 
     Args:
-        gram: ``(n, n)`` Gram matrix of ``shift_features(features)``, however computed.
+        gram: ``(n, n)`` Gram matrix of ``features`` computed as ``linear_gram`` and
+            ``channel_grams`` do: after subtracting the first example from features
+            under 4 MiB, of the features as they are (or with any common shift) above.
         features: ``(n, ...)`` representations the matrix was computed from.
         for_distances: the matrix will give distances between examples (RBF kernels).
 
     Returns:
         ``gram`` itself, or the ``(n, n)`` matrix computed again.
     """
-    if gram.device.type == "cpu" and not _imprecise(gram, for_distances):
+    if gram.device.type != "cpu":
+        return _shifted_product(features, _central_example(gram))
+    if not _imprecise(gram, for_distances):
         return gram
-    return _shifted_product(features, _central_example(gram))
+    flat = _flatten(features)
+    if not _shifts_first(flat):
+        gram = _shifted_product(flat, 0)
+        if not _imprecise(gram, for_distances):
+            return gram
+    return _shifted_product(flat, _central_example(gram))
 
 
 # Bytes of shifted features that one step of a product copies on the CPU. Shifting a
@@ -164,13 +191,15 @@ def _shifted_product(features: torch.Tensor, reference: int | torch.Tensor) -> t
 
 
 def channel_grams(features: torch.Tensor) -> torch.Tensor:
-    """Compute one Gram matrix per channel of a batch shifted by its first example.
+    """Compute one Gram matrix per channel of a batch.
 
-    Their sum is the Gram matrix of ``shift_features(features)``, and a sum weighted by
-    squared per-channel scales is the Gram matrix of the features with each channel
-    scaled, which is what a BatchNorm in eval mode does to them. On CPUs a batched
-    product over channels is about as fast as the single product when every channel
-    has at least as many values per example as there are examples.
+    Their sum is the Gram matrix of the whole batch. A sum weighted by squared
+    per-channel scales is the Gram matrix of the features with each channel scaled,
+    which is what a BatchNorm in eval mode does to them, apart from its shift. As in
+    ``linear_gram``, features under 4 MiB are shifted by their first example first, and
+    ``accurate_gram`` checks the sum. On CPUs a batched product over channels is about
+    as fast as the single product when every channel has at least as many values per
+    example as there are examples.
 
     Args:
         features: ``(n, channels, ...)`` representations of ``n`` examples; half
@@ -180,16 +209,11 @@ def channel_grams(features: torch.Tensor) -> torch.Tensor:
         ``(channels, n, n)`` Gram matrices, float32 for float32 and half-precision input.
     """
     n, channels = features.shape[:2]
-    flat = _flatten(features).reshape(n, channels, -1)
-    # As in _shifted_product, a few channels at a time are shifted and multiplied.
-    step = max(1, _CHUNK_BYTES // (n * flat.shape[2] * flat.element_size()))
-    grams = flat.new_empty((channels, n, n))
-    buffer = flat.new_empty((n, min(step, channels), flat.shape[2]))
-    for start in range(0, channels, step):
-        stop = min(channels, start + step)
-        shifted = torch.sub(flat[:, start:stop], flat[0, start:stop], out=buffer[:, : stop - start])
-        torch.bmm(shifted.transpose(0, 1), shifted.permute(1, 2, 0), out=grams[start:stop])
-    return grams
+    flat = _flatten(features)
+    if _shifts_first(flat):
+        flat = shift_features(flat)
+    flat = flat.reshape(n, channels, -1)
+    return torch.bmm(flat.transpose(0, 1), flat.permute(1, 2, 0))
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

@@ -237,52 +237,89 @@ def test_rbf_accurate_for_clustered_examples_with_outlier():
         assert value == pytest.approx(expected, abs=1e-4), outlier
 
 
-def test_channel_grams_sum_to_the_shifted_gram():
+def _centered(gram: torch.Tensor) -> torch.Tensor:
+    n = gram.shape[-1]
+    center = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    return center @ gram.double() @ center
+
+
+def _centered_error(gram: torch.Tensor, features: torch.Tensor) -> float:
+    """Largest error of a Gram matrix after double centering, relative to the exact one."""
+    flat = features.double().reshape(features.shape[0], -1)
+    exact = _centered(flat @ flat.T)
+    return float((_centered(gram) - exact).abs().max() / exact.abs().max())
+
+
+# Products of features from this many bytes run on them unshifted; 0 makes every
+# product of these small test inputs do so.
+PRODUCTS = pytest.mark.parametrize("plain_bytes", [0, None], ids=["plain-product", "shifted-product"])
+
+
+def _set_plain_bytes(monkeypatch, plain_bytes: int | None) -> None:
+    import cka.kernels
+
+    if plain_bytes is not None:
+        monkeypatch.setattr(cka.kernels, "_PLAIN_PRODUCT_BYTES", plain_bytes)
+
+
+@PRODUCTS
+def test_channel_grams_sum_to_the_gram(monkeypatch, plain_bytes):
+    _set_plain_bytes(monkeypatch, plain_bytes)
     features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(7)) + 3.0
     scales = torch.rand(5, generator=torch.Generator().manual_seed(8)) + 0.5
-    shifted = shift_features(features).double()
-    scaled = shift_features(features * scales[:, None, None]).double()
+    flat = features.double().reshape(6, -1)
+    scaled = (features * scales[:, None, None]).double().reshape(6, -1)
 
     grams = channel_grams(features).double()
 
     assert grams.shape == (5, 6, 6)
-    assert torch.allclose(grams.sum(dim=0), shifted @ shifted.T, atol=1e-4)
+    assert torch.allclose(_centered(grams.sum(dim=0)), _centered(flat @ flat.T), atol=1e-4)
     weighted = torch.tensordot(scales.double().square(), grams, dims=1)
-    assert torch.allclose(weighted, scaled @ scaled.T, atol=1e-4)
+    assert torch.allclose(_centered(weighted), _centered(scaled @ scaled.T), atol=1e-4)
+    shifted = flat - flat[:1]
+    assert torch.allclose(grams.sum(dim=0), shifted @ shifted.T, atol=1e-4) == (plain_bytes is None)
 
 
-def test_accurate_gram_far_out_first_example():
-    generator = torch.Generator().manual_seed(9)
-    center = torch.eye(32, dtype=torch.float64) - 1.0 / 32
-    for outlier, recomputed in ((0.0, False), (200.0, True)):
-        features = 1000.0 + torch.randn(32, 256, generator=generator)
-        features[0] += outlier
-        shifted = shift_features(features)
-        gram = shifted @ shifted.T
-        centered = features.double() - features.double().mean(dim=0)
-        exact = centered @ centered.T
+def test_plain_product_kept_when_well_centered(monkeypatch):
+    _set_plain_bytes(monkeypatch, 0)
+    features = torch.randn(32, 256, generator=torch.Generator().manual_seed(9)) + 0.5
+    gram = features @ features.T
 
-        result = accurate_gram(gram, features)
+    assert accurate_gram(gram, features) is gram
+    assert torch.equal(linear_gram(features), gram)
 
-        assert (result is not gram) == recomputed
-        error = (center @ result.double() @ center - exact).abs().max()
-        assert error <= 1e-5 * exact.abs().max()
+
+@PRODUCTS
+@pytest.mark.parametrize("outlier", [0.0, 200.0], ids=["first-example-central", "first-example-far-out"])
+def test_product_far_from_the_origin_runs_again(monkeypatch, plain_bytes, outlier):
+    _set_plain_bytes(monkeypatch, plain_bytes)
+    features = 1000.0 + torch.randn(32, 256, generator=torch.Generator().manual_seed(9))
+    features[0] += outlier
+    plain = features @ features.T
+    shifted = shift_features(features)
+    first = plain if plain_bytes == 0 else shifted @ shifted.T
+
+    result = linear_gram(features)
+
+    # A first example far out makes the product run once more, around the central one.
+    assert torch.equal(result, shifted @ shifted.T) == (outlier == 0.0)
+    assert _centered_error(result, features) <= 1e-6
+    assert torch.equal(accurate_gram(first, features), result)
+    assert _centered_error(plain, features) > 1e-5
 
 
 @pytest.mark.parametrize("chunk_bytes", [256, 600, 1 << 20], ids=["small-steps", "partial-last-step", "one-step"])
-def test_products_in_steps_match_one_product(monkeypatch, chunk_bytes):
+@pytest.mark.parametrize("reference", [0, 3])
+def test_products_in_steps_match_one_product(monkeypatch, chunk_bytes, reference):
     import cka.kernels
 
     monkeypatch.setattr(cka.kernels, "_CHUNK_BYTES", chunk_bytes)
     features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(11)) + 2.0
-    shifted = shift_features(features).double()
-    channels = shifted.reshape(6, 5, 12).transpose(0, 1)
+    shifted = shift_features(features, reference).double()
 
-    gram = linear_gram(features)
-    per_channel = channel_grams(features)
+    gram = cka.kernels._shifted_product(features, reference)
 
     assert torch.allclose(gram.double(), shifted @ shifted.T, atol=1e-4)
-    assert torch.allclose(per_channel.double(), channels @ channels.transpose(1, 2), atol=1e-4)
 
 
 def test_gram_of_one_example_for_distances():

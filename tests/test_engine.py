@@ -64,8 +64,19 @@ def _minibatch_cka(kernels_x, kernels_y, row: int, column: int) -> float:
     return cross / np.sqrt(self_x * self_y)
 
 
-@pytest.fixture(scope="module")
-def resnet_pair(tmp_path_factory):
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(False, id="shifted-products-images-inline"),
+        pytest.param(True, id="plain-products-images-prefetched"),
+    ],
+)
+def resnet_pair(request, tmp_path_factory):
+    # Products of outputs from 4 MiB run on them unshifted. Machines with spare
+    # processors prepare images in a thread. The second run takes both paths here.
+    import cka.kernels
+    import engine.run
+
     options = RunOptions(
         models_names=["resnet18"],
         compare_models_names=["resnet34"],
@@ -79,7 +90,11 @@ def resnet_pair(tmp_path_factory):
         device=-1,
         output_path=str(tmp_path_factory.mktemp("engine")),
     )
-    result = run_plan(build_plan(options), progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param:
+            patch.setattr(cka.kernels, "_PLAIN_PRODUCT_BYTES", 0)
+            patch.setattr(engine.run, "_idle_processor_for", lambda device: True)
+        result = run_plan(build_plan(options), progress=False)
     return options, result
 
 

@@ -115,10 +115,11 @@ class KernelRecorder:
             gram = derived
         elif _splits_into_channels(features):
             grams = channel_grams(features)
+            dtype, grams = grams.dtype, grams.double()
             if index in self._before_norm:
                 # The next recorded layer is a BatchNorm, which may take this output.
                 self._channels = _ChannelGrams(features, grams)
-            gram = grams.sum(dim=0, dtype=torch.float64).to(grams.dtype)
+            gram = grams.sum(dim=0).to(dtype)
         else:
             return linear_gram(features, self.for_distances)
         return accurate_gram(gram, features, self.for_distances)
@@ -214,28 +215,30 @@ class _ChannelGrams:
     """
 
     def __init__(self, features: torch.Tensor, grams: torch.Tensor) -> None:
-        self.grams = grams
+        self.grams = grams.double()
+        self._dtype = features.dtype if features.dtype == torch.float64 else torch.float32
         self._features = weakref.ref(features)
         self._sums = _channel_sums(features)
         self._positions = features[0, 0].numel()
 
     def scaled_gram(self, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
-        """Return the Gram matrix of ``scale * x + shift`` per channel, if float32 keeps it.
+        """Return a Gram matrix of ``scale * x + shift`` per channel, if float32 keeps it.
 
-        A large shift leaves the examples of the real output apart by few float32
-        steps, or by none, so that its Gram matrix differs from the derived one. None
-        then, and the caller computes the real output's matrix.
+        The matrix is that of ``scale * x``: the output less its shift, which is common
+        to all examples. A large output mean leaves the examples of the real output
+        apart by few float32 steps, or by none, so that its Gram matrix differs from
+        the derived one. None then, and the caller computes the real output's matrix.
         """
         n = self.grams.shape[1]
         values = self._sums.shape[0] * self._positions
         means = scale * (self._sums.double().sum(dim=0) / values) + shift
-        grams = self.grams.double()
+        grams = self.grams
         centered = torch.diagonal(grams, dim1=1, dim2=2).sum(dim=1) - grams.sum(dim=(1, 2)) / n
         mean_energy = values * means.square().sum()
         spread_energy = (scale.square() * centered).sum()
         if not mean_energy <= _MAX_MEAN_TO_SPREAD**2 * spread_energy:
             return None
-        return torch.tensordot(scale.square(), grams, dims=1).to(self.grams.dtype)
+        return torch.tensordot(scale.square(), grams, dims=1).to(self._dtype)
 
     def came_from(self, tensor: object) -> bool:
         """Tell whether ``tensor`` is the output these matrices came from, still unchanged."""

@@ -5,6 +5,7 @@ seeded subset of the requested size, so every model of a run gets the same image
 the same order and the same batches.
 """
 
+import concurrent.futures
 import dataclasses
 import difflib
 import hashlib
@@ -277,6 +278,11 @@ class _DatasetLoader:
         return ImageRegion(_to_8_bit(image))
 
 
+def _read_photo(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def _sample_photos(count: int, seed: int) -> ImageSet:
     import skimage.data
 
@@ -288,10 +294,9 @@ def _sample_photos(count: int, seed: int) -> ImageSet:
             f"scikit-image's bundled photographs were not found in {folder}; "
             "reinstall scikit-image or use --dataset with a folder of images"
         )
-    photos = []
-    for path in paths:
-        with Image.open(path) as image:
-            photos.append(image.convert("RGB"))
+    # Decoding releases the GIL, so threads read the photographs in parallel.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as executor:
+        photos = list(executor.map(_read_photo, paths))
     crop = _PhotoCrops(photos, seed)
 
     description = f"{count} seeded square crops of {len(photos)} scikit-image photographs"

@@ -22,12 +22,12 @@ class KernelRecorder:
     and an in-place operation that runs later (a ``ReLU(inplace=True)`` after a
     BatchNorm) cannot change what was recorded.
 
-    On the CPU, a layer whose channels hold at least as many values per example as
-    there are examples gets its Gram matrix from per-channel products
-    (``channel_grams``). When a BatchNorm in eval mode takes that very output next,
-    unchanged, its Gram matrix is the per-channel matrices weighted by its squared
-    scales, and its own product is skipped: a convolution and its BatchNorm cost one
-    product instead of two. This needs a plain BatchNorm with no other forward hook, and
+    On the CPU, a layer recorded right before a BatchNorm gets its Gram matrix from
+    per-channel products (``channel_grams``) when its channels hold at least as many
+    values per example as there are examples. When the BatchNorm, in eval mode, takes
+    that very output next, unchanged, its Gram matrix is the per-channel matrices
+    weighted by its squared scales, and its own product is skipped: a convolution and
+    its BatchNorm cost one product instead of two. This needs a plain BatchNorm with no other forward hook, and
     an output whose mean is small enough next to its spread that float32 rounding of
     the real output does not matter.
 
@@ -113,12 +113,11 @@ class KernelRecorder:
             derived = channels.scaled_gram(*affine)
         if derived is not None:
             gram = derived
-        elif _splits_into_channels(features):
+        elif index in self._before_norm and _splits_into_channels(features):
+            # The next recorded layer is a BatchNorm, which may take this output.
             grams = channel_grams(features)
             dtype, grams = grams.dtype, grams.double()
-            if index in self._before_norm:
-                # The next recorded layer is a BatchNorm, which may take this output.
-                self._channels = _ChannelGrams(features, grams)
+            self._channels = _ChannelGrams(features, grams)
             gram = grams.sum(dim=0).to(dtype)
         else:
             return linear_gram(features, self.for_distances)

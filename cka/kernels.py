@@ -54,12 +54,11 @@ def _flatten(features: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
-# Limits on the shifted Gram matrix, beyond which its product is computed again after
-# subtracting the example closest to the mean. The float32 error of an entry is about
-# eps |x_i| |x_j|. Relative to the centered kernel it grows as trace / centered trace,
-# at most 4 eps here; relative to the median squared distance, as |x_i|^2 over that
-# median, at most 32 eps here.
-_MIN_CENTERED_SHARE = 0.25
+# Limits on a Gram matrix, beyond which its product is computed again from shifted
+# features. The float32 error of an entry is about eps |x_i| |x_j|. Relative to the
+# centered kernel it grows as trace / centered trace, at most 8 eps here; relative to
+# the median squared distance, as |x_i|^2 over that median, at most 32 eps here.
+_MIN_CENTERED_SHARE = 0.125
 _MAX_NORM_TO_MEDIAN_DISTANCE = 16.0
 
 
@@ -132,7 +131,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
 def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: bool = False) -> torch.Tensor:
     """Return ``gram`` if float32 kept it accurate, or compute a better one.
 
-    ``gram`` is too coarse when its centered part is less than a quarter of its trace
+    ``gram`` is too coarse when its centered part is less than an eighth of its trace
     or, with ``for_distances``, when an example's squared norm exceeds 16 times the
     median squared distance. A product of unshifted features then runs again on
     ``shift_features``. If the features shifted by their first example are still too

@@ -68,7 +68,7 @@ def _upper_triangle(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
-    """Tell from a shifted CPU Gram matrix whether a better reference example is needed.
+    """Tell whether a CPU Gram matrix lost too many digits to its features' common offset.
 
     NumPy does the few operations on the small matrix with much less per-call overhead
     than torch, which matters at one call per layer and batch.
@@ -105,7 +105,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
 
     CKA double-centers kernels, so any common shift of the examples leaves it
     unchanged, but a large common offset costs a float32 product its digits. Features
-    under 4 MiB are shifted by their first example before the product
+    under 4 MiB (as float32) are shifted by their first example before the product
     (``shift_features``), which is exact for a constant layer and usually leaves an
     offset no larger than the spread of the examples; larger ones are multiplied as they
     are. ``accurate_gram`` then checks the product and computes it again from shifted
@@ -189,30 +189,63 @@ def _shifted_product(features: torch.Tensor, reference: int | torch.Tensor) -> t
     return gram
 
 
-def channel_grams(features: torch.Tensor) -> torch.Tensor:
-    """Compute one Gram matrix per channel of a batch.
+def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute one Gram matrix per channel of a batch, and the batch's Gram matrix.
 
-    Their sum is the Gram matrix of the whole batch. A sum weighted by squared
-    per-channel scales is the Gram matrix of the features with each channel scaled,
-    which is what a BatchNorm in eval mode does to them, apart from its shift. As in
-    ``linear_gram``, features under 4 MiB are shifted by their first example first, and
-    ``accurate_gram`` checks the sum. On CPUs a batched product over channels is about
-    as fast as the single product when every channel has at least as many values per
-    example as there are examples.
+    The per-channel matrices add up to a Gram matrix of the batch after a common shift
+    of its examples. Weighted by squared per-channel scales, they add up to one of the
+    features with each channel scaled, which is what a BatchNorm in eval mode does to
+    them, apart from its shift. As in ``linear_gram``, features under 4 MiB are shifted
+    by their first example before the products, and larger ones are multiplied as they
+    are. When the sum of the unshifted products lost digits, the products run again
+    after the shift, so that the per-channel matrices are as accurate as the sum. On
+    CPUs a batched product over channels is about as fast as the single product when
+    every channel has at least as many values per example as there are examples.
 
     Args:
         features: ``(n, channels, ...)`` representations of ``n`` examples; half
-            precision is upcast to float32.
+            precision is upcast to float32, whose size the 4 MiB refer to.
+        for_distances: the batch's matrix will give distances between examples.
 
     Returns:
-        ``(channels, n, n)`` Gram matrices, float32 for float32 and half-precision input.
+        ``(channels, n, n)`` per-channel matrices in float64, and the batch's ``(n, n)``
+        Gram matrix as ``accurate_gram`` returns it, float32 for float32 and
+        half-precision input.
     """
     n, channels = features.shape[:2]
     flat = _flatten(features)
-    if _shifts_first(flat):
-        flat = shift_features(flat)
-    flat = flat.reshape(n, channels, -1)
-    return torch.bmm(flat.transpose(0, 1), flat.permute(1, 2, 0))
+    by_channel = flat.reshape(n, channels, -1)
+    shifted = _shifts_first(flat)
+    grams = _channel_products(by_channel, shifted)
+    gram = grams.sum(dim=0).to(flat.dtype)
+    if flat.device.type != "cpu":
+        return grams, accurate_gram(gram, flat, for_distances)
+    if not shifted and _imprecise(gram, for_distances):
+        grams = _channel_products(by_channel, shifted=True)
+        gram = grams.sum(dim=0).to(flat.dtype)
+    if _imprecise(gram, for_distances):
+        # The first example lies far from the others.
+        gram = _shifted_product(flat, _central_example(gram))
+    return grams, gram
+
+
+def _channel_products(features: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Multiply each channel of ``(n, channels, positions)`` features with itself, in float64.
+
+    With ``shifted``, the first example is subtracted a few channels at a time, as in
+    ``_shifted_product``, so the shifted copy is never made whole.
+    """
+    n, channels, positions = features.shape
+    if not shifted:
+        return torch.bmm(features.transpose(0, 1), features.permute(1, 2, 0)).double()
+    step = max(1, _CHUNK_BYTES // (n * positions * features.element_size()))
+    grams = features.new_empty((channels, n, n))
+    buffer = features.new_empty((n, min(step, channels), positions))
+    for start in range(0, channels, step):
+        stop = min(channels, start + step)
+        chunk = torch.sub(features[:, start:stop], features[0, start:stop], out=buffer[:, : stop - start])
+        torch.bmm(chunk.transpose(0, 1), chunk.permute(1, 2, 0), out=grams[start:stop])
+    return grams.double()
 
 
 def squared_distances(grams: torch.Tensor) -> torch.Tensor:

@@ -329,8 +329,12 @@ def _idle_processor_for(device: str) -> bool:
     """Tell whether a thread can prepare images without slowing down the model.
 
     A GPU leaves the processor free. On the CPU, torch runs its operators on as many
-    threads as there are cores, so a busy extra thread stalls them all. Measured on 2
-    cores, the prefetching thread made the forward passes 10 to 20 % slower.
+    threads as there are cores, so a busy extra thread stalls them all. On a 2-core
+    machine, the prefetching thread made the forward passes of ``bench/run_ours.py``
+    on resnet18 and resnet34 10 to 20 % slower.
+
+    NOTE: with hyperthreading, torch's default is one thread per physical core, so the
+    images are prefetched on a sibling thread. Whether that helps was not measured.
     """
     if torch.device(device).type != "cpu":
         return True

@@ -26,10 +26,11 @@ class KernelRecorder:
     per-channel products (``channel_grams``) when its channels hold at least as many
     values per example as there are examples. When the BatchNorm, in eval mode, takes
     that very output next, unchanged, its Gram matrix is the per-channel matrices
-    weighted by its squared scales, and its own product is skipped: a convolution and
-    its BatchNorm cost one product instead of two. This needs a plain BatchNorm with no other forward hook, and
-    an output whose mean is small enough next to its spread that float32 rounding of
-    the real output does not matter.
+    weighted by its squared scales. Its own product is then skipped unless that matrix
+    fails the precision check of ``accurate_gram``, so a convolution and its BatchNorm
+    usually cost one product instead of two. This needs a plain BatchNorm with no other
+    forward hook, and an output whose mean is small enough next to its spread that
+    float32 rounding of the real output does not matter.
 
     Use it as a context manager. Entering registers one hook per distinct module and
     puts the model in eval mode. Leaving removes every hook and restores every module's
@@ -112,16 +113,13 @@ class KernelRecorder:
         if affine is not None and args and channels.came_from(args[0]):
             derived = channels.scaled_gram(*affine)
         if derived is not None:
-            gram = derived
-        elif index in self._before_norm and _splits_into_channels(features):
+            return accurate_gram(derived, features, self.for_distances)
+        if index in self._before_norm and _splits_into_channels(features):
             # The next recorded layer is a BatchNorm, which may take this output.
-            grams = channel_grams(features)
-            dtype, grams = grams.dtype, grams.double()
+            grams, gram = channel_grams(features, self.for_distances)
             self._channels = _ChannelGrams(features, grams)
-            gram = grams.sum(dim=0).to(dtype)
-        else:
-            return linear_gram(features, self.for_distances)
-        return accurate_gram(gram, features, self.for_distances)
+            return gram
+        return linear_gram(features, self.for_distances)
 
     def grams(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run one forward pass and return the Gram matrices of the recorded layers.
@@ -203,7 +201,7 @@ _MAX_MEAN_TO_SPREAD = 16.0
 
 
 class _ChannelGrams:
-    """The per-channel Gram matrices of one layer output, and a way to recognise it.
+    """The float64 per-channel Gram matrices of one layer output, and a way to recognise it.
 
     The output is referenced weakly, so holding this does not keep it alive. Inference
     tensors have no version counter, so an in-place change is detected by comparing the
@@ -214,7 +212,7 @@ class _ChannelGrams:
     """
 
     def __init__(self, features: torch.Tensor, grams: torch.Tensor) -> None:
-        self.grams = grams.double()
+        self.grams = grams
         self._dtype = features.dtype if features.dtype == torch.float64 else torch.float32
         self._features = weakref.ref(features)
         self._sums = _channel_sums(features)
@@ -223,8 +221,8 @@ class _ChannelGrams:
     def scaled_gram(self, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
         """Return a Gram matrix of ``scale * x + shift`` per channel, if float32 keeps it.
 
-        The matrix is that of ``scale * x``: the output less its shift, which is common
-        to all examples. A large output mean leaves the examples of the real output
+        The matrix is that of ``scale * x`` up to a common shift of the examples: the
+        output less its own shift, which is common to all examples too. A large output mean leaves the examples of the real output
         apart by few float32 steps, or by none, so that its Gram matrix differs from
         the derived one. None then, and the caller computes the real output's matrix.
         """

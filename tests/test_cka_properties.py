@@ -252,7 +252,7 @@ def _centered_error(gram: torch.Tensor, features: torch.Tensor) -> float:
 
 # Products of features from this many bytes run on them unshifted; 0 makes every
 # product of these small test inputs do so.
-PRODUCTS = pytest.mark.parametrize("plain_bytes", [0, None], ids=["plain-product", "shifted-product"])
+PRODUCT_PATHS = pytest.mark.parametrize("plain_bytes", [0, None], ids=["plain-product", "shifted-product"])
 
 
 def _set_plain_bytes(monkeypatch, plain_bytes: int | None) -> None:
@@ -262,22 +262,51 @@ def _set_plain_bytes(monkeypatch, plain_bytes: int | None) -> None:
         monkeypatch.setattr(cka.kernels, "_PLAIN_PRODUCT_BYTES", plain_bytes)
 
 
-@PRODUCTS
+@PRODUCT_PATHS
 def test_channel_grams_sum_to_the_gram(monkeypatch, plain_bytes):
     _set_plain_bytes(monkeypatch, plain_bytes)
-    features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(7)) + 3.0
+    features = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(7)) + 0.2
     scales = torch.rand(5, generator=torch.Generator().manual_seed(8)) + 0.5
     flat = features.double().reshape(6, -1)
     scaled = (features * scales[:, None, None]).double().reshape(6, -1)
 
-    grams = channel_grams(features).double()
+    grams, gram = channel_grams(features)
 
     assert grams.shape == (5, 6, 6)
-    assert torch.allclose(_centered(grams.sum(dim=0)), _centered(flat @ flat.T), atol=1e-4)
+    assert grams.dtype == torch.float64
+    assert torch.equal(gram, grams.sum(dim=0).float())
+    assert torch.allclose(_centered(gram), _centered(flat @ flat.T), atol=1e-4)
     weighted = torch.tensordot(scales.double().square(), grams, dims=1)
     assert torch.allclose(_centered(weighted), _centered(scaled @ scaled.T), atol=1e-4)
     shifted = flat - flat[:1]
-    assert torch.allclose(grams.sum(dim=0), shifted @ shifted.T, atol=1e-4) == (plain_bytes is None)
+    assert torch.allclose(gram.double(), shifted @ shifted.T, atol=1e-4) == (plain_bytes is None)
+
+
+@PRODUCT_PATHS
+def test_channel_grams_far_from_the_origin(monkeypatch, plain_bytes):
+    # Unshifted products of such features lose their digits, so every path ends with
+    # per-channel matrices of features shifted by their first example.
+    _set_plain_bytes(monkeypatch, plain_bytes)
+    features = 1000.0 + torch.randn(32, 8, 4, 4, generator=torch.Generator().manual_seed(13))
+    shifted = (features - features[:1]).double().reshape(32, 8, 16).transpose(0, 1)
+
+    grams, gram = channel_grams(features)
+
+    assert torch.allclose(grams, shifted @ shifted.transpose(1, 2), rtol=1e-5, atol=1e-3)
+    assert _centered_error(gram, features) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk_bytes", [256, 600, 1 << 20], ids=["small-steps", "partial-last-step", "one-step"])
+def test_channel_products_in_steps(monkeypatch, chunk_bytes):
+    import cka.kernels
+
+    monkeypatch.setattr(cka.kernels, "_CHUNK_BYTES", chunk_bytes)
+    features = torch.randn(6, 5, 12, generator=torch.Generator().manual_seed(14)) + 2.0
+    shifted = (features - features[:1]).double().transpose(0, 1)
+
+    grams = cka.kernels._channel_products(features, shifted=True)
+
+    assert torch.allclose(grams, shifted @ shifted.transpose(1, 2), atol=1e-4)
 
 
 def test_plain_product_kept_when_well_centered(monkeypatch):
@@ -289,7 +318,7 @@ def test_plain_product_kept_when_well_centered(monkeypatch):
     assert torch.equal(linear_gram(features), gram)
 
 
-@PRODUCTS
+@PRODUCT_PATHS
 @pytest.mark.parametrize("outlier", [0.0, 200.0], ids=["first-example-central", "first-example-far-out"])
 def test_product_far_from_the_origin_runs_again(monkeypatch, plain_bytes, outlier):
     _set_plain_bytes(monkeypatch, plain_bytes)

@@ -91,9 +91,9 @@ def resnet_pair(request, tmp_path_factory):
         output_path=str(tmp_path_factory.mktemp("engine")),
     )
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.run, "_idle_processor_for", lambda device: request.param)
         if request.param:
             patch.setattr(cka.kernels, "_PLAIN_PRODUCT_BYTES", 0)
-            patch.setattr(engine.run, "_idle_processor_for", lambda device: True)
         result = run_plan(build_plan(options), progress=False)
     return options, result
 

@@ -355,20 +355,46 @@ def test_batchnorm_after_convolution_matches_output(monkeypatch, norm, between, 
         assert _kernel_error(gram, output) <= 1e-5
 
 
-def test_batchnorm_gram_skips_its_own_product(monkeypatch):
+@pytest.mark.parametrize("plain_bytes", [0, None], ids=["plain-products", "shifted-products"])
+@pytest.mark.parametrize("convolution_bias", [0.0, 1000.0], ids=["centered-output", "large-output-mean"])
+def test_batchnorm_gram_skips_its_own_product(monkeypatch, plain_bytes, convolution_bias):
+    # A large mean makes unshifted per-channel products run again shifted, once for
+    # the convolution and its BatchNorm together.
+    import cka.kernels
     import models.hooks
 
-    products = []
-    monkeypatch.setattr(models.hooks, "linear_gram", lambda *args, **kwargs: products.append(args))
+    if plain_bytes is not None:
+        monkeypatch.setattr(cka.kernels, "_PLAIN_PRODUCT_BYTES", plain_bytes)
+    calls = []
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(models.hooks, "linear_gram", counted("linear_gram", models.hooks.linear_gram))
+    for name in ("_shifted_product", "_channel_products"):
+        monkeypatch.setattr(cka.kernels, name, counted(name, getattr(cka.kernels, name)))
     model = ConvolutionThenNorm(_trained_statistics(nn.BatchNorm2d(8)))
-    inputs = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        model.conv.bias.fill_(convolution_bias)
+        model.norm.running_mean.fill_(convolution_bias)
+    inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     layers = select_layers(model, trace_calls(model, inputs[:2]), 2, remove_output_layer=False).layers
 
     with KernelRecorder(model, layers) as recorder:
         grams = recorder.grams(inputs)
 
-    assert grams.shape == (2, 6, 6)
-    assert products == []
+    with torch.no_grad():
+        model.eval()
+        convolution = model.conv(inputs)
+        norm_output = model.norm(convolution)
+    recomputed = plain_bytes == 0 and convolution_bias > 0
+    assert calls == ["_channel_products"] * (2 if recomputed else 1)
+    assert _kernel_error(grams[0], convolution) <= 1e-5
+    assert _kernel_error(grams[1], norm_output) <= 1e-5
 
 
 def _convolution_then_norm(inputs):

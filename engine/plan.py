@@ -173,9 +173,9 @@ def _expand(flag: str, values: Sequence, pairs: int) -> list:
     if len(values) == pairs:
         return list(values)
     hint = " To run every pair at several depths, add --compare_all 1." if flag == "layers_depth" else ""
+    fix = "give 1 value" if pairs == 1 else f"give 1 value for every pair or {pairs} values, one per pair"
     raise UsageError(
-        f"--{flag} got {_count(len(values), 'value')} but the run has {_count(pairs, 'pair')}; "
-        f"give 1 value for every pair or {pairs} values, one per pair.{hint}"
+        f"--{flag} got {_count(len(values), 'value')} but the run has {_count(pairs, 'pair')}; {fix}.{hint}"
     )
 
 

@@ -156,7 +156,8 @@ def test_conv_only_ignores_depth_with_warning(tmp_path, caplog):
         ({"rbf_sigma": 0.0}, "--rbf_sigma must be a positive finite number"),
         ({"device": -3}, "--device must be -1"),
         ({"compare_models_names": ["vgg11", "alexnet"]}, "--compare_models_names got 2 names for 1"),
-        ({"layers_depth": [1, 2]}, r"got 2 values but the run has 1 pair; .* add --compare_all 1"),
+        ({"layers_depth": [1, 2]}, r"got 2 values but the run has 1 pair; give 1 value\. .* add --compare_all 1"),
+        ({"CKA_type": ["kernel_CKA", "linear_CKA"]}, r"got 2 values but the run has 1 pair; give 1 value\.$"),
         ({"models_names": []}, "--models_names needs at least one model name"),
     ],
 )

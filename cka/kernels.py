@@ -56,8 +56,8 @@ def _flatten(features: torch.Tensor) -> torch.Tensor:
 
 # Limits on a Gram matrix, beyond which its product is computed again from shifted
 # features. The float32 error of an entry is about eps |x_i| |x_j|. Relative to the
-# centered kernel it grows as trace / centered trace, at most 8 eps here; relative to
-# the median squared distance, as |x_i|^2 over that median, at most 32 eps here.
+# centered kernel it grows as trace / centered trace, at most 8 eps here. Relative to
+# the median squared distance, it grows as |x_i|^2 over that median, at most 32 eps here.
 _MIN_CENTERED_SHARE = 0.125
 _MAX_NORM_TO_MEDIAN_DISTANCE = 16.0
 
@@ -89,10 +89,10 @@ def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
     return not norms.max() <= _MAX_NORM_TO_MEDIAN_DISTANCE * median
 
 
-# Size of a batch's features from which a product runs on them as they are, without
-# subtracting an example first. The subtraction is a pass over memory that costs a third
-# of the product or more. It keeps the digits of a product with a large common offset,
-# which otherwise runs a second time, but below this size both cost little.
+# Size of a batch's features, as float32 or float64, from which a product runs on them
+# without subtracting an example first. The subtraction is a pass over memory that costs
+# a third of the product or more. Without it, a product with a large common offset loses
+# digits and runs a second time, but below this size both cost little.
 _PLAIN_PRODUCT_BYTES = 4 << 20
 
 
@@ -107,7 +107,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
     unchanged, but a large common offset costs a float32 product its digits. Features
     under 4 MiB (as float32) are shifted by their first example before the product
     (``shift_features``), which is exact for a constant layer and usually leaves an
-    offset no larger than the spread of the examples; larger ones are multiplied as they
+    offset no larger than the spread of the examples. Larger ones are multiplied as they
     are. ``accurate_gram`` then checks the product and computes it again from shifted
     features when needed. On GPUs, where that check would wait for the device at every
     layer, the product always runs after subtracting the example closest to the mean.
@@ -123,6 +123,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
     """
     flat = _flatten(features)
     if flat.device.type != "cpu":
+        # NOTE: the GPU branches of this module have not been run on a GPU.
         return _shifted_product(flat, _central_example(_shifted_product(flat, 0)))
     gram = _shifted_product(flat, 0) if _shifts_first(flat) else flat @ flat.T
     return accurate_gram(gram, flat, for_distances)
@@ -194,17 +195,18 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
 
     The per-channel matrices add up to a Gram matrix of the batch after a common shift
     of its examples. Weighted by squared per-channel scales, they add up to one of the
-    features with each channel scaled, which is what a BatchNorm in eval mode does to
-    them, apart from its shift. As in ``linear_gram``, features under 4 MiB are shifted
-    by their first example before the products, and larger ones are multiplied as they
-    are. When the sum of the unshifted products lost digits, the products run again
-    after the shift, so that the per-channel matrices are as accurate as the sum. On
-    CPUs a batched product over channels is about as fast as the single product when
-    every channel has at least as many values per example as there are examples.
+    features with each channel scaled, as a BatchNorm in eval mode scales them before
+    adding its shift. As in ``linear_gram``, features under 4 MiB (as float32) are
+    shifted by their first example before the products, and larger ones are multiplied
+    as they are. When the sum of the unshifted products lost digits, the products run
+    again after the shift, so that the per-channel matrices are as accurate as the sum.
+    On GPUs the products always run after the shift. On CPUs a batched product over
+    channels is about as fast as the single product when every channel has at least as
+    many values per example as there are examples.
 
     Args:
         features: ``(n, channels, ...)`` representations of ``n`` examples; half
-            precision is upcast to float32, whose size the 4 MiB refer to.
+            precision is upcast to float32.
         for_distances: the batch's matrix will give distances between examples.
 
     Returns:
@@ -215,7 +217,8 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
     n, channels = features.shape[:2]
     flat = _flatten(features)
     by_channel = flat.reshape(n, channels, -1)
-    shifted = _shifts_first(flat)
+    # GPUs skip the check, and the example closest to the mean is found from this sum.
+    shifted = _shifts_first(flat) or flat.device.type != "cpu"
     grams = _channel_products(by_channel, shifted)
     gram = grams.sum(dim=0).to(flat.dtype)
     if flat.device.type != "cpu":
@@ -230,8 +233,9 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
 
 
 def _channel_products(features: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """Multiply each channel of ``(n, channels, positions)`` features with itself, in float64.
+    """Compute the Gram matrix of each channel of ``(n, channels, positions)`` features.
 
+    The products run in the features' precision and are returned in float64.
     With ``shifted``, the first example is subtracted a few channels at a time, as in
     ``_shifted_product``, so the shifted copy is never made whole.
     """

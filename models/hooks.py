@@ -221,8 +221,9 @@ class _ChannelGrams:
     def scaled_gram(self, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
         """Return a Gram matrix of ``scale * x + shift`` per channel, if float32 keeps it.
 
-        The matrix is that of ``scale * x`` up to a common shift of the examples: the
-        output less its own shift, which is common to all examples too. A large output mean leaves the examples of the real output
+        The matrix is that of ``scale * x`` up to a common shift of the examples, which
+        is also a Gram matrix of the output, since the BatchNorm's shift is common to all
+        examples. A large output mean leaves the examples of the real output
         apart by few float32 steps, or by none, so that its Gram matrix differs from
         the derived one. None then, and the caller computes the real output's matrix.
         """

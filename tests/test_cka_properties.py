@@ -250,8 +250,8 @@ def _centered_error(gram: torch.Tensor, features: torch.Tensor) -> float:
     return float((_centered(gram) - exact).abs().max() / exact.abs().max())
 
 
-# Products of features from this many bytes run on them unshifted; 0 makes every
-# product of these small test inputs do so.
+# Products of features from this many bytes run on them unshifted. With 0, every product
+# of these small test inputs does.
 PRODUCT_PATHS = pytest.mark.parametrize("plain_bytes", [0, None], ids=["plain-product", "shifted-product"])
 
 
@@ -283,7 +283,7 @@ def test_channel_grams_sum_to_the_gram(monkeypatch, plain_bytes):
 
 
 @PRODUCT_PATHS
-def test_channel_grams_far_from_the_origin(monkeypatch, plain_bytes):
+def test_channel_grams_large_offset(monkeypatch, plain_bytes):
     # Unshifted products of such features lose their digits, so every path ends with
     # per-channel matrices of features shifted by their first example.
     _set_plain_bytes(monkeypatch, plain_bytes)
@@ -320,7 +320,7 @@ def test_plain_product_kept_when_well_centered(monkeypatch):
 
 @PRODUCT_PATHS
 @pytest.mark.parametrize("outlier", [0.0, 200.0], ids=["first-example-central", "first-example-far-out"])
-def test_product_far_from_the_origin_runs_again(monkeypatch, plain_bytes, outlier):
+def test_offset_product_runs_again(monkeypatch, plain_bytes, outlier):
     _set_plain_bytes(monkeypatch, plain_bytes)
     features = 1000.0 + torch.randn(32, 256, generator=torch.Generator().manual_seed(9))
     features[0] += outlier

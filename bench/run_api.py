@@ -20,11 +20,10 @@ right before the timed part), ``model_bytes``, ``comparisons`` (JSON list with o
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from process_memory import current_rss_kib, peak_rss_kib
+from process_memory import Measurement
 from workloads import RBF_SIGMA, SEED
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -61,21 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = build_models(args.models, SEED)
     model_bytes = state_bytes(models)
 
-    peak_before = peak_rss_kib()
-    rss_before = current_rss_kib()
-    start = time.perf_counter()
-    comparison = engine.compare_models(
-        models[0], models[1], batches, depth=args.depth, kernel=args.kernel, sigma=RBF_SIGMA
-    )
-    seconds = time.perf_counter() - start
-    peak_after = peak_rss_kib()
+    with Measurement() as measured:
+        comparison = engine.compare_models(
+            models[0], models[1], batches, depth=args.depth, kernel=args.kernel, sigma=RBF_SIGMA
+        )
 
     np.savez(
         args.out,
-        seconds=seconds,
-        peak_rss_kib=peak_after,
-        peak_rss_kib_before=peak_before,
-        rss_kib_before=rss_before,
+        seconds=measured.seconds,
+        **measured.memory(),
         model_bytes=model_bytes,
         comparisons=json.dumps([[args.models[0], args.models[1], args.depth]]),
         matrix_0=comparison.matrix.numpy(),
@@ -84,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
     )
-    print(f"api: one matrix in {seconds:.3f} s, peak RSS {peak_after / 1024:.0f} MiB, saved to {args.out}")
+    print(f"api: one matrix in {measured.seconds:.3f} s, peak RSS {measured.peak_rss_kib / 1024:.0f} MiB, saved to {args.out}")
     return 0
 
 

@@ -18,14 +18,13 @@ before the timed part) and ``model_bytes``, the size of the models' parameters a
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from process_memory import current_rss_kib, peak_rss_kib
+from process_memory import Measurement
 from seeded_models import build_models, state_bytes
 from workloads import SEED
 
@@ -55,29 +54,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = build_models(args.models, args.seed)
     model_bytes = state_bytes(models)
 
-    peak_before = peak_rss_kib()
-    rss_before = current_rss_kib()
-    start = time.perf_counter()
-    with torch.inference_mode():
+    with Measurement() as measured, torch.inference_mode():
         for model in models:
             for batch in batches:
                 model(batch)
-    seconds = time.perf_counter() - start
-    peak_after = peak_rss_kib()
 
     np.savez(
         args.out,
-        seconds=seconds,
-        peak_rss_kib=peak_after,
-        peak_rss_kib_before=peak_before,
-        rss_kib_before=rss_before,
+        seconds=measured.seconds,
+        **measured.memory(),
         model_bytes=model_bytes,
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
     )
     print(
-        f"floor: {len(models)} models over {len(batches)} batches in {seconds:.3f} s, "
-        f"peak RSS {peak_after / 1024:.0f} MiB, saved to {args.out}"
+        f"floor: {len(models)} models over {len(batches)} batches in {measured.seconds:.3f} s, "
+        f"peak RSS {measured.peak_rss_kib / 1024:.0f} MiB, saved to {args.out}"
     )
     return 0
 

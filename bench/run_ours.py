@@ -23,11 +23,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from process_memory import current_rss_kib, peak_rss_kib
+from process_memory import Measurement
 from workloads import DATASET, RBF_SIGMA, SEED
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -95,12 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         plan = engine.build_plan(options)
 
-        peak_before = peak_rss_kib()
-        rss_before = current_rss_kib()
-        start = time.perf_counter()
-        result = engine.run_plan(plan, progress=False, cache_dir=None)
-        wall_seconds = time.perf_counter() - start
-        peak_after = peak_rss_kib()
+        with Measurement() as measured:
+            result = engine.run_plan(plan, progress=False, cache_dir=None)
 
     timings = result.timings
     arrays = {}
@@ -125,11 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=seconds,
         total_seconds=timings["total_s"],
         build_seconds=timings["build_s"],
-        wall_seconds=wall_seconds,
+        wall_seconds=measured.seconds,
         timings=json.dumps(timings),
-        peak_rss_kib=peak_after,
-        peak_rss_kib_before=peak_before,
-        rss_kib_before=rss_before,
+        **measured.memory(),
         comparisons=json.dumps(comparisons),
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
@@ -137,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"ours: {len(result.pairs)} matrices in {seconds:.3f} s without model building "
-        f"({timings['total_s']:.3f} s in all), peak RSS {peak_after / 1024:.0f} MiB, saved to {out}"
+        f"({timings['total_s']:.3f} s in all), peak RSS {measured.peak_rss_kib / 1024:.0f} MiB, saved to {out}"
     )
     return 0
 

@@ -14,7 +14,7 @@ import sys
 import threading
 
 from data import DatasetError, default_data_root
-from engine import RunOptions, UsageError, build_plan, run_plan, write_outputs
+from engine import RunOptions, UsageError, build_plan, keep_freed_memory, run_plan, write_outputs
 from engine.cache import default_cache_dir
 from engine.distributed import init_distributed, shutdown
 from models import ModelLoadError
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(
                 "%d heatmap(s) for %d model(s) on %s", len(plan.tasks), len(plan.models), plan.device
             )
+            if plan.device == "cpu":
+                keep_freed_memory()
             cache_dir = (plan.options.cache_dir or default_cache_dir()) if plan.options.cache else None
             result = run_plan(plan, progress=not arguments.no_progress, context=context, cache_dir=cache_dir)
             files = write_outputs(result, [sys.argv[0], *argv], cache_dir) if context.is_main else None

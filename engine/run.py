@@ -394,14 +394,7 @@ def compute_kernels(
     keep_pixels: bool = False,
     progress: bool = True,
 ) -> None:
-    """Run one model over ``batches`` and store the Gram matrices of its layers.
-
-    NOTE: on Linux, setting ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` high
-    made the bare forward passes of the benchmark's 224-pixel workload about 20 % faster,
-    probably because glibc then reuses freed memory instead of mapping fresh pages for
-    each large activation. The engine does not tune the allocator, because the setting
-    is process-wide and keeps freed memory.
-    """
+    """Run one model over ``batches`` and store the Gram matrices of its layers."""
     module = prepared.module.to(device)
     bar = tqdm(
         total=len(batches),

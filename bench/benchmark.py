@@ -3,7 +3,8 @@
 
 For each workload of ``bench/workloads.py`` the tools run in turn, each measurement in a
 fresh process: our engine (``bench/run_ours.py``), the bare forward passes of the models
-(``bench/run_floor.py``, the floor) and every installed peer (``bench/peers.py``). One
+(``bench/run_floor.py``, the floor, once with glibc's default settings and once with the
+allocator set as ours runs) and every installed peer (``bench/peers.py``). One
 warm-up round is not counted. The rounds after it record the wall time of each tool's
 timed part, its peak RSS and the RSS increase over the process's RSS right before the
 timed part. Model construction is never timed. The CKA matrices are compared with ours,
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import report
-from report import FLOOR, OURS, OURS_API, Comparison, Measurement, ToolRuns, WorkloadResult
+from report import FLOOR, FLOOR_KEPT, OURS, OURS_API, Comparison, Measurement, ToolRuns, WorkloadResult
 from workloads import DATASET, MEMORY_CHECK_KEY, SEED, Workload, memory_check_workloads, workloads
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -159,7 +160,9 @@ def run_ours(
     return measurement, matrices, layers
 
 
-def run_floor(workload: Workload, images: Path, out: Path, settings: Settings) -> Measurement:
+def run_floor(
+    workload: Workload, images: Path, out: Path, settings: Settings, keep_freed_memory: bool = False
+) -> Measurement:
     """Run ``run_floor.py`` once over every model of the workload."""
     command = [
         sys.executable, str(BENCH_DIR / "run_floor.py"),
@@ -167,6 +170,7 @@ def run_floor(workload: Workload, images: Path, out: Path, settings: Settings) -
         "--images", str(images),
         "--batch_size", str(workload.batch_size),
         "--seed", str(SEED),
+        "--keep_freed_memory", str(int(keep_freed_memory)),
         "--out", str(out),
     ]
     log_path = out.with_suffix(".log")
@@ -377,7 +381,7 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
     directory.mkdir(parents=True, exist_ok=True)
     images = prepare_images(workload, settings)
 
-    tools = {OURS: ToolRuns(OURS), FLOOR: ToolRuns(FLOOR)}
+    tools = {OURS: ToolRuns(OURS), FLOOR: ToolRuns(FLOOR), FLOOR_KEPT: ToolRuns(FLOOR_KEPT)}
     if len(workload.comparisons()) == 1:
         tools[OURS_API] = ToolRuns(OURS_API)
     for peer, version in settings.peers.items():
@@ -401,8 +405,10 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
                     if not layer_files:
                         result.layers = layers
                         layer_files = write_layer_files(layers, directory)
-                elif tool.tool == FLOOR:
-                    measurement = run_floor(workload, images, round_dir / "floor.npz", settings)
+                elif tool.tool in (FLOOR, FLOOR_KEPT):
+                    keeps_memory = tool.tool == FLOOR_KEPT
+                    out = round_dir / ("floor_kept.npz" if keeps_memory else "floor.npz")
+                    measurement = run_floor(workload, images, out, settings, keep_freed_memory=keeps_memory)
                     matrices = {}
                 elif tool.tool == OURS_API:
                     measurement, matrices = run_api(workload, images, round_dir / "api.npz", settings)

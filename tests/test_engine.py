@@ -72,7 +72,7 @@ def _minibatch_cka(kernels_x, kernels_y, row: int, column: int) -> float:
     ],
 )
 def resnet_pair(request, tmp_path_factory):
-    # Products of outputs from 4 MiB run on them unshifted. Machines with spare
+    # Products of outputs from 256 KiB run on them unshifted. Machines with spare
     # processors prepare images in a thread. The second run takes both paths here.
     import cka.kernels
     import engine.run

@@ -277,10 +277,11 @@ def _median_off_diagonal(distances: torch.Tensor) -> torch.Tensor:
     """
     n = distances.shape[-1]
     rows, cols = torch.triu_indices(n, n, offset=1, device=distances.device)
-    values, _ = torch.sort(distances[..., rows, cols], dim=-1)
+    values = distances[..., rows, cols]
     count = values.shape[-1]
-    middle_high = values[..., count // 2]
-    middle_low = values[..., (count - 1) // 2]
+    # kthvalue selects without a full sort, and its k counts from 1.
+    middle_high = torch.kthvalue(values, count // 2 + 1, dim=-1).values
+    middle_low = torch.kthvalue(values, (count - 1) // 2 + 1, dim=-1).values
     return 0.5 * (middle_low + middle_high)
 
 

@@ -358,3 +358,19 @@ def test_gram_of_one_example_for_distances():
 
     assert gram.shape == (1, 1)
     assert gram.item() == 0.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 64])
+def test_median_distance_matches_numpy(n):
+    import cka.kernels
+
+    generator = torch.Generator().manual_seed(n)
+    # Integer values make ties, which a selection must handle as a sort does.
+    values = torch.randint(0, 5, (3, n, n), generator=generator).double()
+    distances = values + values.transpose(1, 2)
+    rows, cols = np.triu_indices(n, k=1)
+    expected = np.median(distances.numpy()[:, rows, cols], axis=-1)
+
+    medians = cka.kernels._median_off_diagonal(distances)
+
+    assert np.array_equal(medians.numpy(), expected)

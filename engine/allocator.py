@@ -13,9 +13,11 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# Allocations from this size up still get their own mapping.
-_MMAP_THRESHOLD_BYTES = 1 << 30
-# Free memory at the top of the heap that glibc keeps: the largest C int, which mallopt takes.
+# Allocations from this size up still get their own mapping. Some glibc releases (2.30
+# among them) reject thresholds above 32 MiB, which still covers most activations.
+_MMAP_THRESHOLDS_BYTES = (1 << 30, 32 << 20)
+# Free memory at the top of the heap that glibc keeps. mallopt takes a C int, and this
+# is the largest one.
 _TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -28,24 +30,28 @@ def keep_freed_memory() -> bool:
     on its own and unmaps it when it is freed, and it returns free memory at the top of
     its heap to the system. A CPU forward pass allocates and frees such activations at
     every layer, and the system zeroes fresh pages for each one. With this setting,
-    allocations under 1 GiB come from the heap and freed memory stays there for the
-    next batch. The bare forward passes of resnet18 and resnet34 over 128 images of
-    224 x 224 pixels (``bench/run_floor.py``) took 5.9 s instead of 7.0 s on a 2-core
-    Intel Xeon with glibc 2.36. Their peak memory grew by about 6 %.
+    allocations of the main thread under 1 GiB come from the heap and freed memory stays
+    there for the next batch. In ``bench/RESULTS.md`` (2-core Intel Xeon, glibc 2.36), the
+    bare forward passes of resnet18 and resnet34 over 128 images of 224 x 224 pixels took
+    6.1 s with it and 7.6 s without. Their peak memory grew by about 6 %.
 
-    The setting holds for the whole process until it ends, so the command line applies
-    it for CPU runs, and the Python API leaves it to the caller. Nothing changes when
-    the environment already sets ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+    The setting applies to the whole process until it ends, and to the processes it
+    forks, such as DataLoader workers. So the command line makes it for CPU runs, and
+    the Python API leaves it to the caller. Nothing changes when the environment
+    already sets ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
     ``MALLOC_TOP_PAD_`` or glibc malloc tunables in ``GLIBC_TUNABLES``.
 
     Returns:
         Whether the setting was applied: False on systems without glibc, when the
-        environment sets the allocator, or when glibc rejects a value.
+        environment sets the allocator, or when glibc rejects every threshold.
     """
     if sys.platform != "linux" or not _glibc_version().startswith("glibc"):
         return False
-    if any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        logger.debug("the environment sets the memory allocator; leaving it as it is")
+    blocking = [name for name in _USER_SETTINGS if name in os.environ]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        blocking.append("GLIBC_TUNABLES")
+    if blocking:
+        logger.debug("%s set in the environment, so the allocator stays as it is", ", ".join(blocking))
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -53,16 +59,29 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # glibc returns 1 on success and 0 for a value it rejects.
-    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
-    applied = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and applied
-    logger.debug("glibc keeps freed memory for reuse: %s", applied)
-    return applied
+
+    # glibc returns 1 on success and 0 for a value it rejects. Setting the trim threshold
+    # alone would freeze the mmap threshold at its start value of 128 KiB, so it is set
+    # only after an mmap threshold was accepted.
+    for threshold in _MMAP_THRESHOLDS_BYTES:
+        if mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
+            break
+    else:
+        logger.warning("glibc rejected every mmap threshold, so the allocator keeps its defaults")
+        return False
+    if mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) != 1:
+        logger.warning(
+            "glibc rejected the trim threshold %d, so freed memory may go back to the system",
+            _TRIM_THRESHOLD_BYTES,
+        )
+        return False
+    logger.debug("glibc now keeps freed memory and maps only allocations of %d bytes or more", threshold)
+    return True
 
 
 def _glibc_version() -> str:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError):
-        # Other C libraries do not know the name.
+        # Python built on another C library lacks CS_GNU_LIBC_VERSION.
         return ""

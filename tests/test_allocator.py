@@ -110,3 +110,42 @@ def test_command_line_sets_allocator_for_cpu_runs(tmp_path, monkeypatch):
 
     assert status == 0
     assert calls == ["set"]
+
+
+class _FakeLibc:
+    """A C library whose mallopt accepts mmap thresholds up to ``largest`` bytes."""
+
+    def __init__(self, largest):
+        self.calls = []
+
+        # A function rather than a method, so that the code under test can set argtypes.
+        def mallopt(parameter, value):
+            self.calls.append((parameter, value))
+            return int(parameter != -3 or value <= largest)
+
+        self.mallopt = mallopt
+
+
+def _with_fake_libc(monkeypatch, libc):
+    import engine.allocator
+
+    monkeypatch.setattr(engine.allocator.sys, "platform", "linux")
+    monkeypatch.setattr(engine.allocator, "_glibc_version", lambda: "glibc 2.30")
+    monkeypatch.setattr(engine.allocator.ctypes, "CDLL", lambda name: libc)
+
+
+def test_large_threshold_rejected_falls_back(default_environment, monkeypatch):
+    libc = _FakeLibc(largest=32 << 20)
+    _with_fake_libc(monkeypatch, libc)
+
+    assert keep_freed_memory() is True
+    assert libc.calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, 2**31 - 1)]
+
+
+def test_every_threshold_rejected_keeps_defaults(default_environment, monkeypatch):
+    # Setting the trim threshold alone would freeze the mmap threshold at 128 KiB.
+    libc = _FakeLibc(largest=0)
+    _with_fake_libc(monkeypatch, libc)
+
+    assert keep_freed_memory() is False
+    assert [parameter for parameter, _ in libc.calls] == [-3, -3]

@@ -163,7 +163,11 @@ def run_ours(
 def run_floor(
     workload: Workload, images: Path, out: Path, settings: Settings, keep_freed_memory: bool = False
 ) -> Measurement:
-    """Run ``run_floor.py`` once over every model of the workload."""
+    """Run ``run_floor.py`` once over every model of the workload.
+
+    Raises:
+        ToolFailure: when the process fails, or ``keep_freed_memory`` did not apply.
+    """
     command = [
         sys.executable, str(BENCH_DIR / "run_floor.py"),
         "--models", *workload.models,
@@ -176,6 +180,10 @@ def run_floor(
     log_path = out.with_suffix(".log")
     check_exit(run_helper(command, log_path, settings.timeout_s, settings.work_dir), log_path)
     data = load_npz(out)
+    if keep_freed_memory and not bool(data["freed_memory_kept"]):
+        raise ToolFailure(
+            "engine.keep_freed_memory did not apply: no glibc, or the environment sets the allocator"
+        )
     return Measurement(
         seconds=float(data["seconds"]),
         peak_rss_kib=int(data["peak_rss_kib"]),

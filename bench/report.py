@@ -52,7 +52,8 @@ class ToolRuns:
     """Everything one tool produced on one workload.
 
     Attributes:
-        tool: ``"ours"``, ``"floor"``, ``"ours, Python API"`` or a peer name.
+        tool: ``"ours"``, ``"floor"``, ``"floor, freed memory kept"``, ``"ours, Python API"``
+            or a peer name.
         measurements: the counted runs.
         matrices: CKA matrix of each comparison, from the last counted run.
         estimator: what a peer computes, as ``bench/peers.py`` describes it.

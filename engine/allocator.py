@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["allocator_setting", "keep_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ _MMAP_THRESHOLDS_BYTES = (1 << 30, 32 << 20)
 _TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+# The setting that keep_freed_memory made in this process, for the run record, or None.
+_applied_setting: str | None = None
 
 
 def keep_freed_memory() -> bool:
@@ -47,9 +50,7 @@ def keep_freed_memory() -> bool:
     """
     if sys.platform != "linux" or not _glibc_version().startswith("glibc"):
         return False
-    blocking = [name for name in _USER_SETTINGS if name in os.environ]
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        blocking.append("GLIBC_TUNABLES")
+    blocking = _environment_settings()
     if blocking:
         logger.debug("%s set in the environment, so the allocator stays as it is", ", ".join(blocking))
         return False
@@ -75,8 +76,30 @@ def keep_freed_memory() -> bool:
             _TRIM_THRESHOLD_BYTES,
         )
         return False
+    global _applied_setting
+    _applied_setting = (
+        f"glibc keeps freed memory: mmap threshold {threshold} bytes, trim threshold {_TRIM_THRESHOLD_BYTES} bytes"
+    )
     logger.debug("glibc now keeps freed memory and maps only allocations of %d bytes or more", threshold)
     return True
+
+
+def allocator_setting() -> str:
+    """Describe how this process's memory allocator is set, for the run record."""
+    if _applied_setting is not None:
+        return _applied_setting
+    blocking = _environment_settings()
+    if blocking:
+        return "set by the environment: " + ", ".join(blocking)
+    return "the C library's defaults"
+
+
+def _environment_settings() -> list[str]:
+    """Return the environment variables that set glibc's allocator."""
+    names = [name for name in _USER_SETTINGS if name in os.environ]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        names.append("GLIBC_TUNABLES")
+    return names
 
 
 def _glibc_version() -> str:

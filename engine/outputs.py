@@ -22,6 +22,7 @@ import torch
 
 from plotting import plot_cka_heatmap
 
+from .allocator import allocator_setting
 from .atomic import atomic_path
 from .run import PairResult, RunResult
 
@@ -222,6 +223,7 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cac
         "models": models,
         "pairs": pairs,
         "timings_s": {name: round(value, 3) for name, value in result.timings.items()},
+        "allocator": allocator_setting(),
         "peak_memory": _peak_memory(plan.device),
     }
 

@@ -9,6 +9,7 @@ import pytest
 
 import main_feat_maps
 from engine import keep_freed_memory
+from engine.allocator import allocator_setting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
@@ -30,6 +31,7 @@ _PROBE = """
 import os, sys
 import numpy as np
 from engine import keep_freed_memory
+from engine.allocator import allocator_setting
 
 if sys.argv[1] == "1":
     assert keep_freed_memory()
@@ -129,6 +131,7 @@ class _FakeLibc:
 def _with_fake_libc(monkeypatch, libc):
     import engine.allocator
 
+    monkeypatch.setattr(engine.allocator, "_applied_setting", None)
     monkeypatch.setattr(engine.allocator.sys, "platform", "linux")
     monkeypatch.setattr(engine.allocator, "_glibc_version", lambda: "glibc 2.30")
     monkeypatch.setattr(engine.allocator.ctypes, "CDLL", lambda name: libc)
@@ -140,6 +143,7 @@ def test_large_threshold_rejected_falls_back(default_environment, monkeypatch):
 
     assert keep_freed_memory() is True
     assert libc.calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, 2**31 - 1)]
+    assert "mmap threshold 33554432 bytes" in allocator_setting()
 
 
 def test_every_threshold_rejected_keeps_defaults(default_environment, monkeypatch):
@@ -149,3 +153,13 @@ def test_every_threshold_rejected_keeps_defaults(default_environment, monkeypatc
 
     assert keep_freed_memory() is False
     assert [parameter for parameter, _ in libc.calls] == [-3, -3]
+    assert allocator_setting() == "the C library's defaults"
+
+
+def test_setting_names_environment_variables(default_environment, monkeypatch):
+    import engine.allocator
+
+    monkeypatch.setattr(engine.allocator, "_applied_setting", None)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
+
+    assert allocator_setting() == "set by the environment: MALLOC_TOP_PAD_"

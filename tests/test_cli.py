@@ -30,6 +30,17 @@ def _run_subprocess(arguments, tmp_path, **environment):
     )
 
 
+def _expected_allocator():
+    """Return how a CPU run of the command line sets the allocator on this system."""
+    from engine.allocator import _environment_settings, _glibc_version
+
+    if sys.platform != "linux" or not _glibc_version().startswith("glibc"):
+        return "the C library's defaults"
+    if _environment_settings():
+        return "set by the environment"
+    return "glibc keeps freed memory"
+
+
 def _read_csv(path):
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
@@ -113,6 +124,7 @@ def test_run_record(torchvision_run):
     assert scopes[2]["output_layer_removed"] == "fc"
     assert len(scopes[-1]["layers"]) == 40
     assert "total_s" in record["timings_s"]
+    assert record["allocator"].startswith(_expected_allocator())
 
 
 def test_heatmap_is_a_png(torchvision_run):

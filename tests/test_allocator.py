@@ -9,29 +9,24 @@ import pytest
 
 import main_feat_maps
 from engine import keep_freed_memory
-from engine.allocator import allocator_setting
+from engine.allocator import _glibc_version, allocator_setting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
 def _has_glibc():
-    if sys.platform != "linux":
-        return False
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, OSError):
-        return False
+    return sys.platform == "linux" and _glibc_version().startswith("glibc")
 
 
 needs_glibc = pytest.mark.skipif(not _has_glibc(), reason="the setting exists only in glibc")
 
-# Allocates and frees 256 MiB, then prints how much of it the process still holds, in MiB.
+# Allocates and frees 256 MiB, then prints how many MiB of it stay resident.
 _PROBE = """
 import os, sys
 import numpy as np
 from engine import keep_freed_memory
-from engine.allocator import allocator_setting
+from engine.allocator import _glibc_version, allocator_setting
 
 if sys.argv[1] == "1":
     assert keep_freed_memory()

@@ -50,8 +50,22 @@ def _central_example(gram: torch.Tensor) -> torch.Tensor:
 
 
 def _flatten(features: torch.Tensor) -> torch.Tensor:
-    flat = features.detach().reshape(features.shape[0], -1)
+    features = _in_memory_order(features.detach())
+    flat = features.reshape(features.shape[0], -1)
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def _in_memory_order(features: torch.Tensor) -> torch.Tensor:
+    """Permute the feature dimensions into their order in memory, where that makes a view.
+
+    A Gram matrix sums over features, so their order does not matter, and flattening a
+    channels-last output in this order needs no copy. Examples stay the first dimension.
+    """
+    if features.is_contiguous() or features.dim() < 3:
+        return features
+    order = sorted(range(1, features.dim()), key=features.stride, reverse=True)
+    permuted = features.permute(0, *order)
+    return permuted if permuted.is_contiguous() else features
 
 
 # Limits on a Gram matrix, beyond which its product is computed again from shifted
@@ -217,8 +231,11 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
         half-precision input.
     """
     n, channels = features.shape[:2]
-    flat = _flatten(features)
-    by_channel = flat.reshape(n, channels, -1)
+    # Channels first, whatever the memory layout; channels-last features get copied.
+    by_channel = features.detach().reshape(n, channels, -1)
+    if by_channel.dtype not in (torch.float32, torch.float64):
+        by_channel = by_channel.float()
+    flat = by_channel.reshape(n, -1)
     # GPUs skip the check, and the example closest to the mean is found from this sum.
     shifted = _shifts_first(flat) or flat.device.type != "cpu"
     grams = _channel_products(by_channel, shifted)

@@ -27,7 +27,7 @@ from .atomic import atomic_path
 
 __all__ = ["CACHE_FORMAT", "KernelCache", "code_fingerprint", "default_cache_dir", "fingerprint"]
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Version of the entries' layout."""
 
 _VERSIONED_PACKAGES = {

@@ -166,6 +166,7 @@ def _record(result: RunResult, files: dict[str, list[str]], argv: list[str], cac
                 "hooked_layers": len(prepared.layers),
                 "cache_key": prepared.key,
                 "batches_from_cache": prepared.cached_batches,
+                "memory_layout": "channels last" if prepared.channels_last else "channels first",
                 "scopes": [
                     {
                         "depth_requested": depth,

@@ -33,9 +33,12 @@ from models import (
     input_spec,
     kernel_sizes_present,
     TRACE_EXAMPLES,
+    prefers_channels_last,
     select_layers,
+    set_channels_last,
     trace_calls,
     union_of_layers,
+    with_layout,
 )
 
 from .cache import CACHE_FORMAT, KernelCache, code_fingerprint, fingerprint, package_versions
@@ -72,6 +75,7 @@ class PreparedModel:
         rows: ``{(depth, conv_only): indices into layers}`` for each scope.
         settings: kernel settings its pairs need, in a fixed order.
         key: cache key of its Gram matrices.
+        channels_last: its parameters and inputs are laid out channels last.
         cached_batches: batches of this rank read from the cache instead of computed.
         build_seconds: time spent building the model and loading its weights.
     """
@@ -84,6 +88,7 @@ class PreparedModel:
     rows: dict[tuple[int, bool], list[int]]
     settings: list[KernelSettings]
     key: str
+    channels_last: bool = False
     cached_batches: list[int] = dataclasses.field(default_factory=list)
     build_seconds: float = 0.0
 
@@ -202,22 +207,45 @@ def _model_key(spec: ModelSpec, preprocessing, images: ImageSet, plan: RunPlan, 
     )
 
 
-def _trace(module: nn.Module, spec: ModelSpec, images: ImageSet, normalizer, key: str, cache: KernelCache):
-    """Return the model's call trace, from the cache or from a forward pass on two images."""
+# What a model raises when it cannot take its input.
+_INPUT_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError)
+
+
+def _trace(
+    module: nn.Module, spec: ModelSpec, images: ImageSet, normalizer, key: str, cache: KernelCache, channels_last: bool
+) -> tuple[list[CallRecord], bool]:
+    """Return the model's call trace and layout, from the cache or from a forward pass on two images.
+
+    With ``channels_last``, the model is laid out channels last and traced so. A model
+    that fails that way (such as one calling ``view`` on an activation) goes back to
+    channels first, which is then its layout for the whole run.
+    """
     cached = cache.get_json(key, "trace")
     if cached is not None:
-        return [CallRecord(name, call, None if shape is None else tuple(shape)) for name, call, shape in cached]
+        set_channels_last(module, cached["channels_last"])
+        calls = [CallRecord(name, call, None if shape is None else tuple(shape)) for name, call, shape in cached["calls"]]
+        return calls, cached["channels_last"]
 
     trace_inputs = _trace_inputs(images, spec.input_size, normalizer)
-    try:
-        calls = trace_calls(module, trace_inputs)
-    except (RuntimeError, ValueError, AssertionError, IndexError) as error:
-        raise ModelLoadError(
-            f"{spec.name} rejected a {spec.input_size}x{spec.input_size} input: {str(error).rstrip('.!')}. "
-            f"{_INPUT_SIZE_HINT}"
-        ) from error
-    cache.put_json(key, "trace", [[record.module_name, record.call, record.output_shape] for record in calls])
-    return calls
+    calls = None
+    if channels_last:
+        try:
+            calls = trace_calls(set_channels_last(module, True), with_layout(trace_inputs, True))
+        except _INPUT_ERRORS as error:
+            logger.debug("%s fails channels last, runs channels first: %s", spec.label, error)
+            set_channels_last(module, False)
+            channels_last = False
+    if calls is None:
+        try:
+            calls = trace_calls(module, trace_inputs)
+        except _INPUT_ERRORS as error:
+            raise ModelLoadError(
+                f"{spec.name} rejected a {spec.input_size}x{spec.input_size} input: {str(error).rstrip('.!')}. "
+                f"{_INPUT_SIZE_HINT}"
+            ) from error
+    records = [[record.module_name, record.call, record.output_shape] for record in calls]
+    cache.put_json(key, "trace", {"calls": records, "channels_last": channels_last})
+    return calls, channels_last
 
 
 def prepare_model(
@@ -253,7 +281,9 @@ def prepare_model(
         preprocessing.mean, preprocessing.std, preprocessing.value_range, preprocessing.color_space
     )
     key = _model_key(spec, preprocessing, images, plan, device)
-    calls = _trace(module, spec, images, normalizer, key, cache)
+    calls, channels_last = _trace(
+        module, spec, images, normalizer, key, cache, prefers_channels_last(module, device)
+    )
 
     scopes = list(dict.fromkeys(_scope(task) for task in tasks))
     selections = {}
@@ -281,7 +311,7 @@ def prepare_model(
         for scope, selection in selections.items()
     }
     settings = list(dict.fromkeys(task.kernel for task in tasks))
-    prepared = PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key)
+    prepared = PreparedModel(spec, module, normalizer, layers, selections, rows, settings, key, channels_last)
     prepared.build_seconds = build_seconds
     return prepared
 
@@ -410,6 +440,7 @@ def compute_kernels(
             )
             for batch, pixels in pixel_batches:
                 inputs = prepared.normalizer(pixels.to(device, non_blocking=True))
+                inputs = with_layout(inputs, prepared.channels_last)
                 cache.put_grams(prepared.key, batch, prepared.layer_names, recorder.grams(inputs), distances)
                 bar.update(1)
     finally:

@@ -17,6 +17,7 @@ from .layers import (
     trace_calls,
     union_of_layers,
 )
+from .layout import prefers_channels_last, set_channels_last, with_layout
 from .zoo import (
     LIBRARIES,
     InputSpec,
@@ -48,8 +49,11 @@ __all__ = [
     "load_weights",
     "max_depth",
     "module_depth",
+    "prefers_channels_last",
     "select_layers",
+    "set_channels_last",
     "trace_calls",
     "union_of_layers",
     "weights_file",
+    "with_layout",
 ]

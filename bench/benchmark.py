@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import report
-from report import FLOOR, FLOOR_KEPT, OURS, OURS_API, Comparison, Measurement, ToolRuns, WorkloadResult
+from report import FLOOR, FLOOR_AS_OURS, OURS, OURS_API, Comparison, Measurement, ToolRuns, WorkloadResult
 from workloads import DATASET, MEMORY_CHECK_KEY, SEED, Workload, memory_check_workloads, workloads
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -161,12 +161,15 @@ def run_ours(
 
 
 def run_floor(
-    workload: Workload, images: Path, out: Path, settings: Settings, keep_freed_memory: bool = False
+    workload: Workload, images: Path, out: Path, settings: Settings, as_ours: bool = False
 ) -> Measurement:
     """Run ``run_floor.py`` once over every model of the workload.
 
+    With ``as_ours``, the floor keeps freed memory and runs channels last, as ours does.
+
     Raises:
-        ToolFailure: when the process fails, or ``keep_freed_memory`` did not apply.
+        ToolFailure: when the process fails, or with ``as_ours`` the allocator setting did
+            not apply.
     """
     command = [
         sys.executable, str(BENCH_DIR / "run_floor.py"),
@@ -174,13 +177,14 @@ def run_floor(
         "--images", str(images),
         "--batch_size", str(workload.batch_size),
         "--seed", str(SEED),
-        "--keep_freed_memory", str(int(keep_freed_memory)),
+        "--keep_freed_memory", str(int(as_ours)),
+        "--channels_last", str(int(as_ours)),
         "--out", str(out),
     ]
     log_path = out.with_suffix(".log")
     check_exit(run_helper(command, log_path, settings.timeout_s, settings.work_dir), log_path)
     data = load_npz(out)
-    if keep_freed_memory and not bool(data["freed_memory_kept"]):
+    if as_ours and not bool(data["freed_memory_kept"]):
         raise ToolFailure(
             "engine.keep_freed_memory did not apply: no glibc, or the environment sets the allocator"
         )
@@ -389,7 +393,7 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
     directory.mkdir(parents=True, exist_ok=True)
     images = prepare_images(workload, settings)
 
-    tools = {OURS: ToolRuns(OURS), FLOOR: ToolRuns(FLOOR), FLOOR_KEPT: ToolRuns(FLOOR_KEPT)}
+    tools = {OURS: ToolRuns(OURS), FLOOR: ToolRuns(FLOOR), FLOOR_AS_OURS: ToolRuns(FLOOR_AS_OURS)}
     if len(workload.comparisons()) == 1:
         tools[OURS_API] = ToolRuns(OURS_API)
     for peer, version in settings.peers.items():
@@ -413,10 +417,10 @@ def run_workload(workload: Workload, settings: Settings) -> WorkloadResult:
                     if not layer_files:
                         result.layers = layers
                         layer_files = write_layer_files(layers, directory)
-                elif tool.tool in (FLOOR, FLOOR_KEPT):
-                    keeps_memory = tool.tool == FLOOR_KEPT
-                    out = round_dir / ("floor_kept.npz" if keeps_memory else "floor.npz")
-                    measurement = run_floor(workload, images, out, settings, keep_freed_memory=keeps_memory)
+                elif tool.tool in (FLOOR, FLOOR_AS_OURS):
+                    as_ours = tool.tool == FLOOR_AS_OURS
+                    out = round_dir / ("floor_as_ours.npz" if as_ours else "floor.npz")
+                    measurement = run_floor(workload, images, out, settings, as_ours=as_ours)
                     matrices = {}
                 elif tool.tool == OURS_API:
                     measurement, matrices = run_api(workload, images, round_dir / "api.npz", settings)

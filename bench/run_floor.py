@@ -2,8 +2,9 @@
 """Time the bare forward passes of torchvision models over preprocessed images: the floor.
 
 No CKA tool can take less time than running its models once over the images with the same
-allocator setting. ``bench/benchmark.py`` reports every tool's time as a multiple of this
-one, measured with glibc's default settings and with ``--keep_freed_memory 1``. Each model is
+allocator setting and memory layout. ``bench/benchmark.py`` reports every tool's time as a
+multiple of this one, measured with glibc's default settings in channels first, and as ours
+runs: ``--keep_freed_memory 1 --channels_last 1``. Each model is
 built with ``weights=None`` after ``torch.manual_seed(--seed)``, as the other tools build
 it, and runs once over every batch under ``torch.inference_mode()``. Model building and
 reading the images are not timed.
@@ -15,7 +16,8 @@ Example:
 
 The output .npz contains ``seconds``, ``peak_rss_kib``, ``rss_kib_before`` (the RSS right
 before the timed part), ``model_bytes``, the size of the models' parameters and buffers,
-and ``freed_memory_kept``, whether ``--keep_freed_memory 1`` set the allocator.
+``freed_memory_kept``, whether ``--keep_freed_memory 1`` set the allocator, and
+``channels_last``.
 """
 
 import argparse
@@ -48,6 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="1: set the allocator as the command line does for CPU runs, with the engine's "
         "keep_freed_memory (default: 0)",
     )
+    parser.add_argument(
+        "--channels_last", type=int, choices=(0, 1), default=0,
+        help="1: lay out the models and batches channels last, as the engine runs CPU models "
+        "with convolutions (default: 0)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output .npz file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -70,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = torch.from_numpy(np.load(args.images))
     batches = list(torch.split(images, args.batch_size))
     models = build_models(args.models, args.seed)
+    if args.channels_last:
+        batches = [batch.contiguous(memory_format=torch.channels_last) for batch in batches]
+        models = [model.to(memory_format=torch.channels_last) for model in models]
     model_bytes = state_bytes(models)
 
     with Measurement() as measured, torch.inference_mode():
@@ -83,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **measured.memory(),
         model_bytes=model_bytes,
         freed_memory_kept=freed_memory_kept,
+        channels_last=bool(args.channels_last),
         torch_version=torch.__version__,
         torch_num_threads=torch.get_num_threads(),
     )

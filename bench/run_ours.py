@@ -4,7 +4,8 @@
 ``bench/benchmark.py`` runs this script in a fresh process for every measurement. It runs
 with the repository root as working directory and first on ``sys.path``, as the engine's
 Python users do. It sets the allocator as the command line does for CPU runs
-(``engine.keep_freed_memory``) and times ``engine.run_plan`` with the kernel cache off.
+(``engine.keep_freed_memory``) and times ``engine.run_plan`` with the kernel cache off,
+which runs models with convolutions channels last on the CPU.
 The time reported as ours is ``timings["total_s"] - timings["build_s"]``: reading and resizing the
 images, tracing each model, the forward passes and the CKA, without building the models.
 

@@ -231,7 +231,7 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
         half-precision input.
     """
     n, channels = features.shape[:2]
-    # Channels first, whatever the memory layout; channels-last features get copied.
+    # The reshape copies channels-last features into channels first.
     by_channel = features.detach().reshape(n, channels, -1)
     if by_channel.dtype not in (torch.float32, torch.float64):
         by_channel = by_channel.float()

@@ -207,7 +207,7 @@ def _model_key(spec: ModelSpec, preprocessing, images: ImageSet, plan: RunPlan, 
     )
 
 
-# What a model raises when it cannot take its input.
+# Exceptions a model raises when it cannot take its input.
 _INPUT_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError)
 
 
@@ -232,7 +232,7 @@ def _trace(
         try:
             calls = trace_calls(set_channels_last(module, True), with_layout(trace_inputs, True))
         except _INPUT_ERRORS as error:
-            logger.debug("%s fails channels last, runs channels first: %s", spec.label, error)
+            logger.info("%s failed channels last, so it runs channels first: %s", spec.label, error)
             set_channels_last(module, False)
             channels_last = False
     if calls is None:

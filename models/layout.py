@@ -22,14 +22,19 @@ _MIN_CONVOLUTIONS = 2
 def prefers_channels_last(model: nn.Module, device: str | torch.device) -> bool:
     """Tell whether ``model`` should run channels last on ``device``.
 
-    Only CPU runs of models with at least two 2-D convolutions qualify.
+    Only CPU runs of models with at least two 2-D convolutions and no 5-D parameter or
+    buffer qualify. torch has no channels-last layout for 5-D tensors, and
+    ``set_channels_last`` would raise on them.
 
     NOTE: channels last was measured on CPUs only; GPU runs keep channels first.
     """
     if torch.device(device).type != "cpu":
         return False
     convolutions = sum(isinstance(module, nn.Conv2d) for module in model.modules())
-    return convolutions >= _MIN_CONVOLUTIONS
+    if convolutions < _MIN_CONVOLUTIONS:
+        return False
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(tensor.dim() != 5 for tensor in tensors)
 
 
 def set_channels_last(model: nn.Module, channels_last: bool) -> nn.Module:

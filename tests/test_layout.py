@@ -34,7 +34,7 @@ def test_flattening_keeps_examples_apart():
 
 
 @pytest.mark.parametrize("offset", [0.0, 50.0], ids=["centered", "offset"])
-def test_gram_of_channels_last_matches_channels_first(offset):
+def test_channels_last_gram_matches(offset):
     features = offset + torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(3))
 
     first = linear_gram(features).double()
@@ -43,7 +43,7 @@ def test_gram_of_channels_last_matches_channels_first(offset):
     assert torch.allclose(last, first, rtol=1e-5, atol=1e-5 * first.abs().max().item())
 
 
-def test_channel_grams_of_channels_last_match_channels_first():
+def test_channels_last_channel_grams_match():
     features = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(5)) + 1.0
 
     grams_first, gram_first = channel_grams(features)
@@ -84,61 +84,110 @@ def _stem(flatten_by_view: bool = False) -> _Stem:
     return model
 
 
-def test_models_with_convolutions_prefer_channels_last_on_cpu_only():
+def test_channels_last_preference():
     patch_embedding = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2))
+    with_volume = nn.Sequential(_stem(), nn.Conv3d(1, 2, 3))
 
     assert prefers_channels_last(_stem(), "cpu")
     assert not prefers_channels_last(_stem(), "cuda")
     assert not prefers_channels_last(patch_embedding, "cpu")
+    assert not prefers_channels_last(with_volume, "cpu")
 
 
-def test_recorder_matches_channels_first_and_reads_before_inplace_relu():
-    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+def _stem_grams(images: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, list[str]]:
     model = _stem()
-    layers = select_layers(model, trace_calls(model, images), batch_size=6, depth=-1).layers
+    layers = select_layers(model, trace_calls(model, images), batch_size=len(images), depth=-1).layers
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        images = _channels_last(images)
     with KernelRecorder(model, layers) as recorder:
-        first = recorder.grams(images)
-    model.to(memory_format=torch.channels_last)
-    with KernelRecorder(model, layers) as recorder:
-        last = recorder.grams(_channels_last(images))
+        grams = recorder.grams(images)
+    return grams, [layer.module_name for layer in layers]
 
-    # The BatchNorm's matrix from outputs cloned before the in-place ReLU.
+
+IMAGES = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+def test_recorder_channels_last_matches_first():
+    first, _ = _stem_grams(IMAGES, channels_last=False)
+    last, names = _stem_grams(IMAGES, channels_last=True)
+
+    assert names == ["conv1", "bn1", "conv2"]
+    assert torch.allclose(last, first, rtol=1e-5, atol=1e-4)
+
+
+def test_recorder_reads_batchnorm_before_relu():
+    grams, names = _stem_grams(IMAGES, channels_last=True)
+    model = _stem().to(memory_format=torch.channels_last)
     outputs = {}
     model.bn1.register_forward_hook(lambda module, args, output: outputs.__setitem__("bn1", output.clone()))
     with torch.no_grad():
-        model(_channels_last(images))
-    bn1 = outputs["bn1"].double().reshape(6, -1)
+        model(_channels_last(IMAGES))
+    # Centered outputs as the BatchNorm returned them, before the in-place ReLU.
+    bn1 = outputs["bn1"].double().reshape(len(IMAGES), -1)
     bn1 = bn1 - bn1.mean(dim=0)
-    position = [layer.module_name for layer in layers].index("bn1")
+    centering = torch.eye(len(IMAGES), dtype=torch.float64) - 1.0 / len(IMAGES)
 
-    assert [layer.module_name for layer in layers] == ["conv1", "bn1", "conv2"]
-    assert torch.allclose(last, first, rtol=1e-5, atol=1e-4)
-    centering = torch.eye(6, dtype=torch.float64) - 1.0 / 6
-    recorded = centering @ last[position].double() @ centering
+    recorded = centering @ grams[names.index("bn1")].double() @ centering
+
     assert torch.allclose(recorded, bn1 @ bn1.T, rtol=1e-5, atol=1e-3)
 
 
 SMALL = [
     "--torchvision", "1", "--pretrained", "0", "--dataset", "sample_photos", "--device", "-1",
     "--no_progress", "--models_names", "resnet18", "--input_shape", "32", "--batch_size", "4",
-    "--dataloader_size", "2", "--layers_depth", "-1", "--cache", "0",
+    "--dataloader_size", "2", "--layers_depth", "-1",
 ]
 
 
-def _run(tmp_path, name, monkeypatch, build=None, channels_last=True):
-    if build is not None:
-        monkeypatch.setattr(engine.run, "build_model", lambda *args, **kwargs: build())
-    monkeypatch.setattr(engine.run, "prefers_channels_last", lambda module, device: channels_last)
+def _run(tmp_path, name, *, build=None, cache=False):
     output = tmp_path / name
-    assert main([*SMALL, "--output_path", str(output)]) == 0
+    arguments = ["--cache_dir", str(tmp_path / "cache")] if cache else ["--cache", "0"]
+    assert main([*SMALL, "--output_path", str(output), *arguments]) == 0
     record = json.loads((output / "run_record.json").read_text())
     matrices = {path.name: np.load(path)["cka"] for path in sorted(output.glob("*.npz"))}
     return matrices, [model["memory_layout"] for model in record["models"]]
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def _first_layout_recorded(monkeypatch, layouts: list[bool]) -> None:
+    """Build models whose first convolution records, at each call, whether it ran channels last.
+
+    A convolution returns channels last when either its input or its weight is, so the
+    input and the weight are checked too.
+    """
+    build = engine.run.build_model
+
+    def record(module, args, output):
+        layouts.append(_is_channels_last(args[0]) and _is_channels_last(module.weight) and _is_channels_last(output))
+
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+        first.register_forward_hook(record)
+        return model
+
+    monkeypatch.setattr(engine.run, "build_model", recording_build)
+
+
+def test_cpu_run_is_channels_last(tmp_path, monkeypatch):
+    layouts = []
+    _first_layout_recorded(monkeypatch, layouts)
+
+    _, layout = _run(tmp_path, "run")
+
+    assert layout == ["channels last"]
+    # The trace, then one call per batch.
+    assert layouts == [True, True, True]
+
+
 def test_channels_last_run_matches_channels_first(tmp_path, monkeypatch):
-    last, last_layout = _run(tmp_path, "last", monkeypatch)
-    first, first_layout = _run(tmp_path, "first", monkeypatch, channels_last=False)
+    last, last_layout = _run(tmp_path, "last")
+    monkeypatch.setattr(engine.run, "prefers_channels_last", lambda module, device: False)
+    first, first_layout = _run(tmp_path, "first")
 
     assert last_layout == ["channels last"]
     assert first_layout == ["channels first"]
@@ -147,10 +196,34 @@ def test_channels_last_run_matches_channels_first(tmp_path, monkeypatch):
         assert np.allclose(matrix, first[name], rtol=0, atol=1e-5, equal_nan=True)
 
 
-def test_model_failing_channels_last_runs_channels_first(tmp_path, monkeypatch):
-    viewing, viewing_layout = _run(tmp_path, "view", monkeypatch, build=lambda: _stem(flatten_by_view=True))
-    plain, _ = _run(tmp_path, "plain", monkeypatch, build=lambda: _stem(flatten_by_view=True), channels_last=False)
+def test_cached_trace_keeps_channels_last(tmp_path, monkeypatch):
+    layouts = []
+    _first_layout_recorded(monkeypatch, layouts)
+    first, _ = _run(tmp_path, "first", cache=True)
+    # Without its kernels, the model runs again from the cached trace.
+    for path in (tmp_path / "cache").rglob("batch*.npz"):
+        path.unlink()
+    layouts.clear()
 
-    assert viewing_layout == ["channels first"]
+    second, layout = _run(tmp_path, "second", cache=True)
+
+    assert layout == ["channels last"]
+    assert layouts == [True, True]
+    for name, matrix in first.items():
+        assert np.array_equal(matrix, second[name], equal_nan=True)
+
+
+def test_model_failing_channels_last_runs_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.run, "build_model", lambda *args, **kwargs: _stem(flatten_by_view=True))
+    viewing, layout = _run(tmp_path, "view", cache=True)
+    for path in (tmp_path / "cache").rglob("batch*.npz"):
+        path.unlink()
+    cached, cached_layout = _run(tmp_path, "cached", cache=True)
+    monkeypatch.setattr(engine.run, "prefers_channels_last", lambda module, device: False)
+    plain, _ = _run(tmp_path, "plain")
+
+    assert layout == ["channels first"]
+    assert cached_layout == ["channels first"]
     for name, matrix in viewing.items():
         assert np.array_equal(matrix, plain[name], equal_nan=True)
+        assert np.array_equal(matrix, cached[name], equal_nan=True)

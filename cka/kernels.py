@@ -51,8 +51,11 @@ def _central_example(gram: torch.Tensor) -> torch.Tensor:
 
 def _flatten(features: torch.Tensor) -> torch.Tensor:
     features = _in_memory_order(features.detach())
-    flat = features.reshape(features.shape[0], -1)
-    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    return _full_precision(features.reshape(features.shape[0], -1))
+
+
+def _full_precision(features: torch.Tensor) -> torch.Tensor:
+    return features if features.dtype in (torch.float32, torch.float64) else features.float()
 
 
 def _in_memory_order(features: torch.Tensor) -> torch.Tensor:
@@ -232,9 +235,7 @@ def channel_grams(features: torch.Tensor, for_distances: bool = False) -> tuple[
     """
     n, channels = features.shape[:2]
     # The reshape copies channels-last features into channels first.
-    by_channel = features.detach().reshape(n, channels, -1)
-    if by_channel.dtype not in (torch.float32, torch.float64):
-        by_channel = by_channel.float()
+    by_channel = _full_precision(features.detach().reshape(n, channels, -1))
     flat = by_channel.reshape(n, -1)
     # GPUs skip the check, and the example closest to the mean is found from this sum.
     shifted = _shifts_first(flat) or flat.device.type != "cpu"

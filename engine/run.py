@@ -216,7 +216,7 @@ def _trace(
 ) -> tuple[list[CallRecord], bool]:
     """Return the model's call trace and layout, from the cache or from a forward pass on two images.
 
-    With ``channels_last``, the model is laid out channels last and traced so. A model
+    With ``channels_last``, the model is laid out channels last and traced in that layout. A model
     that fails that way (such as one calling ``view`` on an activation) goes back to
     channels first, which is then its layout for the whole run.
     """
@@ -232,7 +232,7 @@ def _trace(
         try:
             calls = trace_calls(set_channels_last(module, True), with_layout(trace_inputs, True))
         except _INPUT_ERRORS as error:
-            logger.info("%s failed channels last, so it runs channels first: %s", spec.label, error)
+            logger.info("%s failed to run channels last, so it runs channels first: %s", spec.label, error)
             set_channels_last(module, False)
             channels_last = False
     if calls is None:

@@ -25,11 +25,11 @@ class KernelRecorder:
     On the CPU, a layer recorded right before a BatchNorm gets its Gram matrix from
     per-channel products (``channel_grams``) when each channel holds at least 8 n values
     per example, for a batch of n examples. Only contiguous, channels-first outputs
-    qualify, so models that run channels last never take this path. When the BatchNorm, in eval mode, takes
-    that very output next, unchanged, its Gram matrix is the per-channel matrices
-    weighted by its squared scales. Its own product is then skipped unless that matrix
-    fails the precision check of ``accurate_gram``, so a convolution and its BatchNorm
-    usually cost one product instead of two. This needs a plain BatchNorm with no other
+    qualify, so models that run channels last never take this path. When the BatchNorm,
+    in eval mode, takes that very output next, unchanged, its Gram matrix is the
+    per-channel matrices weighted by its squared scales. Its own product is then skipped
+    unless that matrix fails the precision check of ``accurate_gram``, so a convolution
+    and its BatchNorm usually cost one product instead of two. This needs a plain BatchNorm with no other
     forward hook, and an output whose mean is small enough next to its spread that
     float32 rounding of the real output does not matter.
 
@@ -169,8 +169,8 @@ def _splits_into_channels(features: torch.Tensor) -> bool:
     they replace, on the W1 and W4 workloads of ``bench/``.
     """
     if features.dim() < 3 or features.shape[1] < 8 or not features.is_contiguous():
-        # A channels-last or strided output would be copied into channels first, which
-        # costs about as much as the product saved.
+        # A channels-last or strided output would be copied into channels first. By an
+        # estimate from memory and compute speeds, the copy costs about the product saved.
         return False
     return features[0, 0].numel() >= max(8 * features.shape[0], 16)
 

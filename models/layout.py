@@ -2,12 +2,12 @@
 
 On the CPU, torch runs 2-D convolutions on channels-last tensors without converting
 them to and from the layout its convolution library computes in. On a 2-core AMD EPYC,
-the forward passes of resnet18 and resnet34 took 0.7 times as long in channels last at
-64 x 64 pixels, and 0.8 times as long at 224 x 224. Those of vgg11, mobilenet_v2,
-densenet121 and googlenet took 0.5 to 0.8 times as long at 64 x 64. Two transformers
-(vit_b_16 and swin_t), whose only convolution cuts the image into patches, gained
-nothing. The layout changes the float32 rounding of the convolutions, not what they
-compute.
+the forward passes of resnet18 and resnet34 took about 0.7 times as long in channels last
+at 64 x 64 pixels, and 0.8 times as long at 224 x 224, in one measurement each. Those of
+vgg11, mobilenet_v2, densenet121 and googlenet took 0.5 to 0.8 times as long at 64 x 64.
+Two transformers (vit_b_16 and swin_t), whose only convolution cuts the image into
+patches, gained nothing. The layout changes the float32 rounding of the convolutions, not
+what they compute.
 """
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["prefers_channels_last", "set_channels_last", "with_layout"]
 
-# Convolutions a model needs for channels last to pay off. A patch embedding is one.
+# Fewest 2-D convolutions for channels last to pay off. A patch embedding is a single one.
 _MIN_CONVOLUTIONS = 2
 
 

@@ -68,7 +68,7 @@ class _Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        # view needs a channels-first layout here; flatten works with either.
+        # view needs a channels-first layout here, while flatten works with either.
         return self.fc(x.view(x.shape[0], -1) if self.flatten_by_view else torch.flatten(x, 1))
 
 
@@ -76,7 +76,7 @@ def _stem(flatten_by_view: bool = False) -> _Stem:
     torch.manual_seed(0)
     model = _Stem(flatten_by_view).eval()
     with torch.no_grad():
-        # Scales and shifts that differ per channel, and a mean far from zero.
+        # Scales and shifts that differ per channel, and a mean well above zero.
         model.bn1.running_mean.uniform_(-1.0, 1.0)
         model.bn1.running_var.uniform_(0.5, 2.0)
         model.bn1.weight.uniform_(0.5, 2.0)
@@ -153,16 +153,16 @@ def _is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last)
 
 
-def _first_layout_recorded(monkeypatch, layouts: list[bool]) -> None:
-    """Build models whose first convolution records, at each call, whether it ran channels last.
+def _first_layout_recorded(monkeypatch, layouts: list[tuple[bool, bool, bool]]) -> None:
+    """Build models whose first convolution records, at each call, which tensors are channels last.
 
-    A convolution returns channels last when either its input or its weight is, so the
-    input and the weight are checked too.
+    Each record is ``(input, weight, output)``. A convolution returns channels last when
+    either its input or its weight is, so the output alone does not show both.
     """
     build = engine.run.build_model
 
     def record(module, args, output):
-        layouts.append(_is_channels_last(args[0]) and _is_channels_last(module.weight) and _is_channels_last(output))
+        layouts.append((_is_channels_last(args[0]), _is_channels_last(module.weight), _is_channels_last(output)))
 
     def recording_build(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -181,10 +181,10 @@ def test_cpu_run_is_channels_last(tmp_path, monkeypatch):
 
     assert layout == ["channels last"]
     # The trace, then one call per batch.
-    assert layouts == [True, True, True]
+    assert layouts == [(True, True, True)] * 3
 
 
-def test_channels_last_run_matches_channels_first(tmp_path, monkeypatch):
+def test_cli_layouts_agree(tmp_path, monkeypatch):
     last, last_layout = _run(tmp_path, "last")
     monkeypatch.setattr(engine.run, "prefers_channels_last", lambda module, device: False)
     first, first_layout = _run(tmp_path, "first")
@@ -208,12 +208,12 @@ def test_cached_trace_keeps_channels_last(tmp_path, monkeypatch):
     second, layout = _run(tmp_path, "second", cache=True)
 
     assert layout == ["channels last"]
-    assert layouts == [True, True]
+    assert layouts == [(True, True, True)] * 2
     for name, matrix in first.items():
         assert np.array_equal(matrix, second[name], equal_nan=True)
 
 
-def test_model_failing_channels_last_runs_first(tmp_path, monkeypatch):
+def test_view_model_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.run, "build_model", lambda *args, **kwargs: _stem(flatten_by_view=True))
     viewing, layout = _run(tmp_path, "view", cache=True)
     for path in (tmp_path / "cache").rglob("batch*.npz"):
